@@ -1,0 +1,10 @@
+"""LoRA Loom — a ComfyUI node pack (the repository root is the package).
+
+ComfyUI imports this folder under an arbitrary module name; everything inside uses relative imports.
+"""
+
+NODE_CLASS_MAPPINGS: dict = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -1,0 +1,1 @@
+"""ComfyUI node classes (thin wrappers over lora_core)."""
