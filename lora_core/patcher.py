@@ -1,0 +1,210 @@
+"""The patch engine: LoRAs are patched into the model's weights in place, reversibly and exactly.
+
+Every patched weight is always `patched_weight(W0, contributions)` — a pure function of the
+untouched base weight and the current patch set — so any history of apply / re-weight / stack /
+unstack / restore lands on bitwise the same tensors as applying the final set fresh.
+
+W0 is re-read from the safetensors file the base was loaded from when there is one (no RAM cost);
+otherwise a copy of each weight is kept the first time it is patched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import AdapterError
+from .delta import Contribution, patched_weight
+from .lora import LoRA, component_of
+from .weight_source import FileWeightSource
+
+
+class PatchError(RuntimeError):
+    """A patch could not be applied; the model was left exactly as it was."""
+
+
+@dataclass(frozen=True, eq=False)
+class PatchEntry:
+    """One LoRA in a patch set, with its strengths for the U-Net and the text encoder."""
+
+    lora: LoRA
+    strength_unet: float = 1.0
+    strength_text_encoder: float = 1.0
+
+    def strength_for(self, component: str) -> float:
+        return self.strength_unet if component == "unet" else self.strength_text_encoder
+
+    def sort_key(self) -> tuple:
+        return (self.lora.fingerprint, self.strength_unet, self.strength_text_encoder)
+
+
+PatchSet = tuple[PatchEntry, ...]
+
+
+@dataclass
+class PatchStats:
+    """What one engine call did."""
+
+    weights_written: int = 0
+    weights_unchanged: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def contributions_by_target(patch_set: Iterable[PatchEntry]) -> dict[str, tuple[Contribution, ...]]:
+    """Per target weight, the (adapter, strength) pairs of a patch set in canonical order.
+
+    Canonical order (by LoRA fingerprint) makes the float32 sum independent of stacking order.
+    Strength 0 contributes nothing, so that side of the model is not touched at all.
+    """
+    contributions: dict[str, list[Contribution]] = {}
+    for entry in sorted(patch_set, key=PatchEntry.sort_key):
+        for target, adapter in entry.lora.adapters.items():
+            strength = float(entry.strength_for(component_of(target)))
+            if strength != 0.0:
+                contributions.setdefault(target, []).append((adapter, strength))
+    return {target: tuple(pairs) for target, pairs in contributions.items()}
+
+
+class PatchEngine:
+    """Patches LoRAs into `components` ({"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}).
+
+    `source` (optional) re-reads untouched weights from the file the base was loaded from.
+    """
+
+    def __init__(self, components: Mapping[str, nn.Module], source: FileWeightSource | None = None) -> None:
+        self.components = dict(components)
+        self.source = source
+        self.patch_set: PatchSet = ()
+        self._applied: dict[str, tuple[Contribution, ...]] = {}
+        self._fused: dict[str, list[tuple[Contribution, ...]]] = {}
+        self._backups: dict[str, torch.Tensor] = {}
+        self._file_backed: set[str] = set()
+
+    # ---- public operations -------------------------------------------------------------------
+
+    def apply(self, patch_set: Iterable[PatchEntry]) -> PatchStats:
+        """Bring the weights to exactly `patch_set`, touching only the weights whose patches change.
+
+        Transactional: everything is checked before any weight changes, and if writing fails half
+        way the weights already written are recomputed back, so the model is bitwise unchanged.
+        """
+        patch_set = tuple(patch_set)
+        for entry in patch_set:
+            for strength in (entry.strength_unet, entry.strength_text_encoder):
+                if not math.isfinite(strength):
+                    raise PatchError(f"LoRA '{entry.lora.name}': strength {strength} is not finite")
+        desired = contributions_by_target(patch_set)
+        touched = desired.keys() | self._applied.keys()
+        changed = sorted(t for t in touched if desired.get(t, ()) != self._applied.get(t, ()))
+        self._check(changed, desired, patch_set)
+
+        stats = PatchStats(weights_unchanged=len(touched) - len(changed))
+        previous = dict(self._applied)
+        written: list[str] = []
+        try:
+            for target in changed:
+                self._write(target, desired.get(target, ()), stats)
+                written.append(target)
+        except BaseException:
+            for target in reversed(written):
+                self._write(target, previous.get(target, ()), PatchStats())
+            raise
+        stats.weights_written = len(written)
+        self.patch_set = patch_set
+        return stats
+
+    def restore(self) -> PatchStats:
+        """Put every patched weight back to its base value, bit for bit."""
+        return self.apply(())
+
+    def fuse(self) -> None:
+        """Make the current patch set part of the base (the weights themselves stay as they are)."""
+        for target, contributions in self._applied.items():
+            self._fused.setdefault(target, []).append(contributions)
+        self._applied = {}
+        self.patch_set = ()
+
+    @property
+    def restore_overhead_bytes(self) -> int:
+        """RAM held only to be able to restore: copies of weights no file backs."""
+        return sum(t.numel() * t.element_size() for t in self._backups.values())
+
+    @property
+    def patched_targets(self) -> list[str]:
+        return sorted(self._applied)
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def parameter(self, target: str) -> tuple[str, str, nn.Parameter]:
+        """(component, model parameter name, parameter) for a canonical target key."""
+        component, module_path = target.split(".", 1)
+        model = self.components.get(component)
+        if model is None:
+            raise PatchError(f"target {target}: this model has no {component}")
+        if component == "text_encoder" and not hasattr(model, "text_model"):
+            module_path = module_path.removeprefix("text_model.")  # transformers >= 5.6 layout
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise PatchError(f"target {target}: this model has no module '{module_path}'") from None
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise PatchError(f"target {target}: module '{module_path}' has no weight")
+        return component, f"{module_path}.weight", weight
+
+    def _check(
+        self, targets: list[str], desired: Mapping[str, tuple[Contribution, ...]], patch_set: PatchSet
+    ) -> None:
+        for target in targets:
+            _, _, weight = self.parameter(target)
+            for adapter, _strength in desired.get(target, ()):
+                try:
+                    adapter.check(weight.shape)
+                except AdapterError as error:
+                    name = next(e.lora.name for e in patch_set if adapter in e.lora.adapters.values())
+                    raise PatchError(f"LoRA '{name}' does not fit {target}: {error}") from None
+
+    def _write(self, target: str, contributions: tuple[Contribution, ...], stats: PatchStats) -> None:
+        _, _, weight = self.parameter(target)
+        base = self._base_weight(target, weight, stats)
+        new = patched_weight(base, contributions) if contributions else base
+        if weight.dtype == torch.float16 and contributions and not torch.isfinite(new).all():
+            raise PatchError(f"{target}: the patched weight overflows float16 (strength too high?)")
+        with torch.no_grad():
+            weight.copy_(new)
+        if contributions:
+            self._applied[target] = contributions
+        else:
+            self._applied.pop(target, None)
+
+    def _base_weight(self, target: str, weight: torch.Tensor, stats: PatchStats) -> torch.Tensor:
+        """W0 of `target` (the base, including anything fused), in the live weight's dtype/device."""
+        if target not in self._applied:
+            # The live weight *is* the base right now: make sure it can be recovered later.
+            self._remember(target, weight, stats)
+            return weight.detach()
+        component, name, _ = self.parameter(target)
+        if target in self._file_backed:
+            base = self.source.read(component, name, weight)
+        else:
+            base = self._backups[target]
+        for layer in self._fused.get(target, ()):
+            base = patched_weight(base, layer)
+        return base
+
+    def _remember(self, target: str, weight: torch.Tensor, stats: PatchStats) -> None:
+        if target in self._file_backed or target in self._backups:
+            return
+        if self.source is not None:
+            component, name, _ = self.parameter(target)
+            from_file = self.source.read(component, name, weight)
+            if from_file is not None and torch.equal(from_file, weight):
+                self._file_backed.add(target)
+                return
+            if from_file is not None:
+                stats.notes.append(f"{target}: differs from {self.source.path}; keeping a copy instead")
+        self._backups[target] = weight.detach().clone()

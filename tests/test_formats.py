@@ -1,0 +1,191 @@
+"""Every LoRA flavour in the wild parses to the same canonical adapters, with an honest report."""
+
+import json
+
+import pytest
+import torch
+from lora_loom.lora_core import sd15_keys
+from lora_loom.lora_core.formats import LoRAFormatError, load_lora, parse_lora
+from lora_loom.lora_core.synthetic import kohya_name, kohya_targets, random_kohya_lora
+from safetensors.torch import save_file
+from util import make_lora
+
+
+@pytest.fixture(scope="module")
+def kohya_state(tiny_fp32):
+    parts = {"unet": tiny_fp32.unet, "text_encoder": tiny_fp32.text_encoder}
+    targets = kohya_targets("all") + ["unet.down_blocks.1.resnets.0.conv1", "unet.mid_block.resnets.1.conv2"]
+    return random_kohya_lora(parts, targets, rank=4, alpha=2.0, seed=3)
+
+
+def rename(state, new_module_name, up="lora_up.weight", down="lora_down.weight", alpha="alpha"):
+    """Re-spell a kohya state dict's module names and tensor suffixes."""
+    renamed = {}
+    for key, tensor in state.items():
+        module, suffix = key.split(".", 1)
+        suffix = {"lora_up.weight": up, "lora_down.weight": down, "alpha": alpha}[suffix]
+        if suffix is not None:
+            renamed[f"{new_module_name(module)}.{suffix}"] = tensor
+    return renamed
+
+
+def canonical_of(kohya_module: str, lookup: dict[str, str]) -> str:
+    return lookup[kohya_module]
+
+
+def assert_same_adapters(a, b):
+    assert a.adapters.keys() == b.adapters.keys()
+    for key in a.adapters:
+        x, y = a.adapters[key], b.adapters[key]
+        assert torch.equal(x.up.flatten(1), y.up.flatten(1)) and torch.equal(
+            x.down.flatten(1), y.down.flatten(1)
+        )
+        assert x.scale == y.scale, key
+
+
+def test_kohya_counts_and_alpha(kohya_state):
+    lora = parse_lora(kohya_state, source="k.safetensors")
+    assert lora.components() == {"unet": 194, "text_encoder": 72}
+    assert lora.report.matched == {"unet": 194, "text_encoder": 72}
+    assert lora.report.formats == ["kohya"] and not lora.report.not_understood
+    assert all(adapter.scale == 2.0 / 4 for adapter in lora.adapters.values())
+    assert lora.adapters["unet.down_blocks.0.attentions.0.proj_in"].down.ndim == 4  # 1x1 conv in SD1.5
+
+
+def test_missing_alpha_means_alpha_equals_rank(kohya_state):
+    no_alpha = {k: v for k, v in kohya_state.items() if not k.endswith(".alpha")}
+    assert all(adapter.scale == 1.0 for adapter in parse_lora(no_alpha).adapters.values())
+
+
+def test_all_spellings_give_the_same_lora(kohya_state):
+    reference = parse_lora(kohya_state)
+    by_kohya = {kohya_name(t): t for t in reference.adapters}
+
+    def ldm_kohya(module):
+        target = by_kohya[module]
+        if target.startswith("unet."):
+            return "lora_unet_" + sd15_keys.unet_diffusers_to_ldm(target[5:]).replace(".", "_")
+        return module
+
+    def comfy_trainer(module):
+        target = by_kohya[module]
+        if target.startswith("unet."):
+            return "diffusion_model." + sd15_keys.unet_diffusers_to_ldm(target[5:])
+        return "text_encoders.clip_l.transformer." + target.removeprefix("text_encoder.")
+
+    def diffusers_peft(module):
+        return by_kohya[module]  # unet.<path> / text_encoder.text_model.<path>
+
+    def diffusers_flat_te(module):
+        return by_kohya[module].replace("text_encoder.text_model.", "text_encoder.")
+
+    def kohya_te1_flat(module):  # diffusers' convert_state_dict_to_kohya under transformers 5
+        return module.replace("lora_te_text_model_", "lora_te1_")
+
+    def peft_base_model(module):
+        target = by_kohya[module]
+        return target.replace("unet.", "unet.base_model.model.", 1).replace(
+            "text_encoder.", "text_encoder.base_model.model.", 1
+        )
+
+    spellings = {
+        "ldm-named kohya": rename(kohya_state, ldm_kohya),
+        "comfyui": rename(kohya_state, comfy_trainer),
+        "diffusers lora.up": rename(kohya_state, diffusers_peft, "lora.up.weight", "lora.down.weight"),
+        "diffusers linear layer": rename(
+            kohya_state, diffusers_flat_te, "lora_linear_layer.up.weight", "lora_linear_layer.down.weight"
+        ),
+        "peft": rename(kohya_state, peft_base_model, "lora_B.weight", "lora_A.weight"),
+        "kohya te1 flat": rename(kohya_state, kohya_te1_flat),
+    }
+    for label, state in spellings.items():
+        parsed = parse_lora(state)
+        assert not parsed.report.not_understood, (label, parsed.report.summary())
+        assert_same_adapters(parsed, reference)
+
+
+def test_old_attention_processor_names(kohya_state):
+    reference = parse_lora(kohya_state)
+    state = {}
+    for target, adapter in reference.adapters.items():
+        if target.startswith("unet.") and ".attn" in target:
+            attention, proj = (
+                target[5:].rsplit(".", 1) if not target.endswith("to_out.0") else (target[5:-9], "to_out")
+            )
+            state[f"{attention}.processor.{proj}_lora.up.weight"] = adapter.up
+            state[f"{attention}.processor.{proj}_lora.down.weight"] = adapter.down
+    parsed = parse_lora(state)
+    assert parsed.components() == {"unet": 128, "text_encoder": 0}
+    assert parsed.report.formats == ["diffusers-attn-processor"]
+
+
+def test_peft_alpha_from_diffusers_metadata(kohya_state, tmp_path):
+    state = rename(kohya_state, lambda m: m, "lora_B.weight", "lora_A.weight", alpha=None)
+    by_kohya = {kohya_name(t): t for t in parse_lora(kohya_state).adapters}
+    state = {by_kohya[k.split(".")[0]] + "." + k.split(".", 1)[1]: v for k, v in state.items()}
+    metadata = {
+        "lora_adapter_metadata": json.dumps(
+            {
+                "unet.lora_alpha": 8,
+                "unet.r": 4,
+                "text_encoder.lora_alpha": 2,
+                "text_encoder.r": 4,
+                "unet.alpha_pattern": {"proj_in": 1},
+            }
+        )
+    }
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(state, str(path), metadata=metadata)
+    lora = load_lora(tmp_path)
+    assert lora.adapters["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"].scale == 2.0
+    assert lora.adapters["unet.down_blocks.0.attentions.0.proj_in"].scale == 0.25
+    assert lora.adapters["text_encoder.text_model.encoder.layers.0.mlp.fc1"].scale == 0.5
+    assert "metadata" in lora.report.summary()
+
+
+def test_unknown_keys_are_grouped_not_listed(kohya_state):
+    state = dict(kohya_state)
+    for i in range(40):
+        state[f"lora_te2_text_model_encoder_layers_{i}_mlp_fc1.lora_up.weight"] = torch.zeros(1, 1)
+    lora = parse_lora(state)
+    assert lora.report.not_understood_count == 40
+    assert list(lora.report.not_understood) == ["lora_te2_text_model_encoder_layers_*…"]
+    assert len(lora.report.summary().splitlines()) == 2
+
+
+def test_wrong_architecture_is_a_clear_error():
+    sdxl = {
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(4, 4),
+        "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_up.weight": torch.zeros(4, 4),
+    }
+    with pytest.raises(LoRAFormatError, match=r"sdxl\.safetensors: no tensor matches.*SDXL"):
+        parse_lora(sdxl, source="sdxl.safetensors")
+
+
+def test_nan_and_corrupt_files_name_the_file(kohya_state, tmp_path):
+    bad = dict(kohya_state)
+    key = next(k for k in bad if k.endswith("lora_up.weight"))
+    bad[key] = bad[key].clone()
+    bad[key][0, 0] = float("nan")
+    save_file(bad, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(LoRAFormatError, match=r"nan\.safetensors: .* up contains NaN"):
+        load_lora(tmp_path / "nan.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(LoRAFormatError, match=r"corrupt\.safetensors: not a readable LoRA file"):
+        load_lora(tmp_path / "corrupt.safetensors")
+    with pytest.raises(LoRAFormatError, match="no such LoRA file"):
+        load_lora(tmp_path / "missing.safetensors")
+
+
+def test_fp16_file_round_trip(tiny_fp32, tmp_path):
+    lora = make_lora(tiny_fp32, seed=4)
+    state = {
+        k: v.half()
+        for k, v in random_kohya_lora(
+            {"unet": tiny_fp32.unet, "text_encoder": tiny_fp32.text_encoder}, kohya_targets(), seed=4
+        ).items()
+    }
+    save_file(state, str(tmp_path / "half.safetensors"))
+    loaded = load_lora(tmp_path / "half.safetensors")
+    assert loaded.name == "half" and loaded.components() == lora.components()
+    assert next(iter(loaded.adapters.values())).up.dtype == torch.float16
