@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from lora_loom.lora_core.sd15_models import build_components
 
 torch.set_num_threads(2)

@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from lora_loom.lora_core import sd15_keys
 from lora_loom.lora_core.formats import LoRAFormatError, load_lora, parse_lora
 from lora_loom.lora_core.synthetic import kohya_name, kohya_targets, random_kohya_lora
-from safetensors.torch import save_file
+
 from util import make_lora
 
 

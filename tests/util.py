@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import torch
+
 from lora_loom.lora_core.formats import parse_lora
 from lora_loom.lora_core.sd15_models import build_components
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora

@@ -1,0 +1,844 @@
+"""Patch-engine benchmark: our PatchEngine against diffusers + PEFT, in the same process, as ratios.
+
+Full-size SD1.5 architecture with random weights (no trained weights offline), float32 on the CPU,
+2 threads. For a kohya rank-16 LoRA on the attention modules (176) and on all kohya targets (264):
+
+- load             ours: ``load_lora(file)``          diffusers: ``pipe.load_lora_weights(file)``
+- apply            ours: ``engine.apply(1.0/1.0)``     diffusers: ``pipe.fuse_lora()``
+- strength change  ours: 1.0/1.0 -> 0.8/0.5            diffusers: unfuse, ``set_adapters``, fuse
+- restore          ours: ``engine.restore()``          diffusers: ``pipe.unfuse_lora()``
+
+plus restore exactness, agreement of the patched weights, and the RAM each side needs for it.
+Writes the section "## Patch engine (bench/bench_patch.py)" of docs/benchmarks.md (other sections
+are kept) and prints one final JSON line with every figure.
+
+Run: ``python bench/bench_patch.py`` (several minutes; ~4.3 GB checkpoint cached in bench/.cache/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_loom.lora_core.formats import load_lora
+from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
+from lora_loom.lora_core.sd15_models import (
+    build_components,
+    build_empty_components,
+    load_config_dicts,
+    load_single_file,
+    save_single_file,
+    text_encoder_is_flat,
+)
+from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.lora_core.weight_source import FileWeightSource
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE = REPO_ROOT / "bench" / ".cache"
+CHECKPOINT = CACHE / "sd15-random-seed0-fp32.safetensors"
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+SECTION_HEADING = "## Patch engine (bench/bench_patch.py)"
+
+SCOPES = ("attention", "all")
+LORA_RANK = 16
+LORA_ALPHA = 8.0
+LORA_SEEDS = {"attention": 1, "all": 2}
+STRENGTH_FROM = (1.0, 1.0)  # (U-Net, text encoder)
+STRENGTH_TO = (0.8, 0.5)
+MATCH_TOLERANCE = 1e-5  # relative (Frobenius) error of a patched weight vs diffusers' fused one
+
+# Fixed reference numbers from the issue (measured on this machine class, attention LoRA, warm).
+ISSUE_COMFYUI_APPLY_S = 0.19
+ISSUE_DIFFUSERS_LOAD_S = 0.33
+ISSUE_DIFFUSERS_FUSE_S = 1.8
+
+# Targets.
+TARGET_APPLY_VS_DIFFUSERS = 0.1  # ours apply <= 0.1 x diffusers' load + fuse
+TARGET_RESTORE_S = 0.1
+TARGET_RAM_FRACTION = 0.10
+
+_START = time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
+
+
+def timeit_median(
+    fn: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None, warmup: int = 1
+) -> tuple[float, list[float]]:
+    """Median wall time of `fn` over `repeats` calls, each preceded by an untimed `setup`.
+
+    `warmup` untimed setup + fn rounds run first. Returns (median seconds, all timed seconds).
+    """
+    times = []
+    for round_ in range(warmup + repeats):
+        if setup is not None:
+            setup()
+        start = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - start
+        if round_ >= warmup:
+            times.append(elapsed)
+    return statistics.median(times), times
+
+
+def _proc_status_bytes(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+try:
+    _LIBC = ctypes.CDLL("libc.so.6")
+except OSError:  # not glibc: no malloc_trim
+    _LIBC = None
+
+
+def settle_memory() -> None:
+    """Collect garbage and hand free heap pages back to the OS, so RSS readings mean live memory."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def rss_anon() -> int:
+    """Anonymous resident memory of this process (bytes), after settling the heap."""
+    settle_memory()
+    return _proc_status_bytes("RssAnon")
+
+
+def peak_rss() -> int:
+    return _proc_status_bytes("VmHWM")
+
+
+def nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    if torch.equal(value, reference):
+        return 0.0
+    return ((value.double() - reference.double()).norm() / reference.double().norm()).item()
+
+
+def model_weight(parts: dict[str, torch.nn.Module], target: str) -> torch.Tensor:
+    """The live weight of a canonical target; under PEFT, the wrapped base layer's weight."""
+    component, path = target.split(".", 1)
+    model = parts[component]
+    if component == "text_encoder" and text_encoder_is_flat(model):
+        path = path.removeprefix("text_model.")
+    module = model.get_submodule(path)
+    module = getattr(module, "base_layer", module)
+    return module.weight
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 1: the cached checkpoint and LoRA files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def lora_path(scope: str) -> Path:
+    return CACHE / f"kohya-{scope}-r{LORA_RANK}-a{LORA_ALPHA:g}-seed{LORA_SEEDS[scope]}.safetensors"
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def prepare_files() -> None:
+    """Build and save the seed-0 full-size SD1.5 checkpoint and both LoRA files, unless cached."""
+    from safetensors.torch import save_file
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if CHECKPOINT.is_file():
+        progress(f"phase 1: reusing {CHECKPOINT.relative_to(REPO_ROOT)} ({gib(CHECKPOINT.stat().st_size)})")
+    else:
+        progress("phase 1: building full-size sd15 components (seed 0) ...")
+        components = build_components("sd15", seed=0)
+        progress(f"phase 1: saving {CHECKPOINT.relative_to(REPO_ROOT)} ...")
+        _write_atomically(CHECKPOINT, lambda p: save_single_file(components, p))
+        del components
+        settle_memory()
+        progress(f"phase 1: checkpoint written ({gib(CHECKPOINT.stat().st_size)})")
+
+    # Only the shapes matter for the random LoRAs: meta-device components cost nothing.
+    meta = build_empty_components(*load_config_dicts("sd15"))
+    parts = {"unet": meta.unet, "text_encoder": meta.text_encoder}
+    for scope in SCOPES:
+        path = lora_path(scope)
+        if path.is_file():
+            continue
+        state = random_kohya_lora(
+            parts, kohya_targets(scope), rank=LORA_RANK, alpha=LORA_ALPHA, seed=LORA_SEEDS[scope]
+        )
+        _write_atomically(path, lambda p, state=state: save_file(state, str(p)))
+        progress(f"phase 1: wrote {path.relative_to(REPO_ROOT)} ({mib(path.stat().st_size)})")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 2: ours
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScopeResult:
+    scope: str
+    modules: int
+    patched_bytes: int
+    lora_file_bytes: int
+    ours: dict[str, float] = field(default_factory=dict)
+    ours_samples: dict[str, list[float]] = field(default_factory=dict)
+    diffusers: dict[str, float] = field(default_factory=dict)
+    diffusers_samples: dict[str, list[float]] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    ram: dict[str, int] = field(default_factory=dict)
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lora: Any = field(default=None, repr=False)  # kept between the phases of one scope
+
+    def ratio(self, op: str) -> float:
+        return self.ours[op] / self.diffusers[op]
+
+
+OPERATIONS = ("load", "apply", "strength", "restore")
+OPERATION_LABELS = {
+    "load": "load",
+    "apply": "apply",
+    "strength": "strength change",
+    "restore": "restore",
+}
+
+
+class Ours:
+    """Our model (first load of the checkpoint) with a file-backed PatchEngine."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.components, key_map = load_single_file(checkpoint)
+        self.parts = {"unet": self.components.unet, "text_encoder": self.components.text_encoder}
+        self.engine = PatchEngine(self.parts, source=FileWeightSource(checkpoint, key_map))
+
+    def weight(self, target: str) -> torch.Tensor:
+        return self.engine.parameter(target)[2]
+
+
+def snapshot(parts: dict[str, torch.nn.Module], targets: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Copies of the target weights only (the rest of the model is never written)."""
+    return {target: model_weight(parts, target).detach().clone() for target in targets}
+
+
+def mismatches(parts: dict[str, torch.nn.Module], originals: dict[str, torch.Tensor], targets) -> list[str]:
+    return [t for t in targets if not torch.equal(model_weight(parts, t), originals[t])]
+
+
+def bench_ours(ours: Ours, scope: str, originals: dict[str, torch.Tensor], repeats: int) -> ScopeResult:
+    path = lora_path(scope)
+    engine = ours.engine
+    progress(f"[{scope}] ours: load_lora ...")
+    load_s, load_samples = timeit_median(lambda: load_lora(path), repeats)
+
+    lora = load_lora(path)
+    targets = sorted(lora.adapters)
+    result = ScopeResult(
+        scope=scope,
+        modules=len(targets),
+        patched_bytes=sum(nbytes(ours.weight(t)) for t in targets),
+        lora_file_bytes=path.stat().st_size,
+    )
+    full = PatchEntry(lora, *STRENGTH_FROM)
+    changed = PatchEntry(lora, *STRENGTH_TO)
+    assert not engine.patched_targets, "the engine must start from the restored state"
+    assert not mismatches(ours.parts, originals, targets), "the model does not start from its base weights"
+
+    # RAM: the first apply of this LoRA is the one that would create backups (and caches the factors).
+    progress(f"[{scope}] ours: first apply (RAM) ...")
+    before = rss_anon()
+    stats = engine.apply([full])
+    after = rss_anon()
+    if stats.weights_written != len(targets):
+        raise RuntimeError(f"apply wrote {stats.weights_written} weights, expected {len(targets)}")
+    if stats.notes:
+        progress(f"[{scope}] engine notes: {stats.notes[:3]}")
+    factor_bytes = sum(
+        nbytes(t) for adapter in lora.adapters.values() for pair in adapter._factors.values() for t in pair
+    )
+    result.ram.update(
+        ours_restore_overhead_bytes=engine.restore_overhead_bytes,
+        ours_anon_growth_bytes=after - before,
+        ours_factor_cache_bytes=factor_bytes,
+    )
+    engine.restore()
+
+    progress(f"[{scope}] ours: apply ...")
+    apply_s, apply_samples = timeit_median(lambda: engine.apply([full]), repeats, setup=engine.restore)
+    progress(f"[{scope}] ours: strength change ...")
+    strength_s, strength_samples = timeit_median(
+        lambda: engine.apply([changed]), repeats, setup=lambda: engine.apply([full])
+    )
+    progress(f"[{scope}] ours: restore ...")
+    restore_checks: list[bool] = []
+
+    def setup_restore() -> None:  # untimed: check the restore that just ran (if one did), re-apply
+        if not engine.patched_targets:
+            restore_checks.append(not mismatches(ours.parts, originals, targets))
+        engine.apply([full])
+
+    restore_s, restore_samples = timeit_median(engine.restore, repeats, setup=setup_restore)
+    restore_checks.append(not mismatches(ours.parts, originals, targets))
+
+    result.ours = {"load": load_s, "apply": apply_s, "strength": strength_s, "restore": restore_s}
+    result.ours_samples = {
+        "load": load_samples,
+        "apply": apply_samples,
+        "strength": strength_samples,
+        "restore": restore_samples,
+    }
+    result.checks["ours_restore_bit_exact"] = all(restore_checks)
+    result.checks["ours_restore_checks"] = len(restore_checks)
+    result.checks["ours_restore_overhead_after_runs"] = engine.restore_overhead_bytes
+    result.lora = lora
+    progress(
+        f"[{scope}] ours: load {load_s:.3f}s apply {apply_s:.3f}s strength {strength_s:.3f}s "
+        f"restore {restore_s:.3f}s bit-exact {result.checks['ours_restore_bit_exact']}"
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 3: diffusers + PEFT
+# ---------------------------------------------------------------------------------------------------------
+
+
+class DiffusersRunner:
+    """A StableDiffusionPipeline on a second load of the checkpoint, with the LoRA state tracked."""
+
+    COMPONENTS = ["unet", "text_encoder"]
+
+    def __init__(self, checkpoint: Path, adapter_name: str, dtype: torch.dtype | None = None) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        components, _ = load_single_file(checkpoint, dtype=dtype)
+        self.pipe = StableDiffusionPipeline(
+            vae=components.vae,
+            text_encoder=components.text_encoder,
+            tokenizer=None,
+            unet=components.unet,
+            scheduler=None,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        self.parts = {"unet": components.unet, "text_encoder": components.text_encoder}
+        self.adapter_name = adapter_name
+        self.loaded = False
+        self.fused = False
+        self.strength = (1.0, 1.0)
+
+    def load(self, path: Path) -> None:
+        self.pipe.load_lora_weights(str(path), adapter_name=self.adapter_name)
+        self.loaded, self.strength = True, (1.0, 1.0)
+
+    def unload(self) -> None:
+        if self.fused:
+            self.unfuse()
+        self.pipe.unload_lora_weights()
+        self.loaded = False
+
+    def fuse(self) -> None:
+        self.pipe.fuse_lora(components=self.COMPONENTS, adapter_names=[self.adapter_name])
+        self.fused = True
+
+    def unfuse(self) -> None:
+        self.pipe.unfuse_lora(components=self.COMPONENTS)
+        self.fused = False
+
+    def set_strength(self, unet: float, text_encoder: float) -> None:
+        weights = [{"unet": unet, "text_encoder": text_encoder}]
+        self.pipe.set_adapters([self.adapter_name], adapter_weights=weights)
+        self.strength = (unet, text_encoder)
+
+    def fused_at(self, strength: tuple[float, float]) -> None:
+        """Make sure the LoRA is fused at `strength` (untimed setup)."""
+        if self.fused and self.strength == strength:
+            return
+        if self.fused:
+            self.unfuse()
+        if self.strength != strength:
+            self.set_strength(*strength)
+        self.fuse()
+
+    def change_strength(self) -> None:
+        """The timed strength change: unfuse, re-weight, fuse."""
+        self.unfuse()
+        self.set_strength(*STRENGTH_TO)
+        self.fuse()
+
+    def close(self) -> None:
+        del self.pipe, self.parts
+        settle_memory()
+
+
+def compare_applied(ours: Ours, runner: DiffusersRunner, targets: list[str]) -> float:
+    return max(relative_error(ours.weight(t), model_weight(runner.parts, t)) for t in targets)
+
+
+def restore_error(parts, originals: dict[str, torch.Tensor], targets: list[str]) -> tuple[float, bool]:
+    """(max |W - W0| over the targets, all bit-exact) after a diffusers fuse/unfuse cycle."""
+    worst, exact = 0.0, True
+    for target in targets:
+        weight = model_weight(parts, target)
+        original = originals[target].to(weight.dtype)
+        if not torch.equal(weight, original):
+            exact = False
+            worst = max(worst, (weight.float() - original.float()).abs().max().item())
+    return worst, exact
+
+
+def bench_diffusers(
+    ours: Ours, result: ScopeResult, originals: dict[str, torch.Tensor], repeats: int
+) -> None:
+    scope, path, lora = result.scope, lora_path(result.scope), result.lora
+    targets = sorted(lora.adapters)
+    engine = ours.engine
+    progress(f"[{scope}] diffusers: second load of the checkpoint ...")
+    runner = DiffusersRunner(CHECKPOINT, adapter_name=f"bench_{scope}")
+    try:
+        # Cold load + fuse on the fresh pipeline: RAM, agreement with ours, restore error of one cycle.
+        progress(f"[{scope}] diffusers: first load + fuse (RAM, agreement) ...")
+        before = rss_anon()
+        runner.load(path)
+        runner.fuse()
+        result.ram["diffusers_anon_growth_bytes"] = rss_anon() - before
+        changed = [t for t in targets if not torch.equal(model_weight(runner.parts, t), originals[t])]
+        result.checks["diffusers_weights_changed"] = len(changed)
+
+        engine.apply([PatchEntry(lora, *STRENGTH_FROM)])
+        error_full = compare_applied(ours, runner, targets)
+        runner.unfuse()
+        result.checks["diffusers_restore_max_abs_fp32"], result.checks["diffusers_restore_bit_exact"] = (
+            restore_error(runner.parts, originals, targets)
+        )
+        runner.fused_at(STRENGTH_TO)
+        engine.apply([PatchEntry(lora, *STRENGTH_TO)])
+        error_changed = compare_applied(ours, runner, targets)
+        engine.restore()
+        result.checks["applied_max_rel_error_vs_diffusers"] = max(error_full, error_changed)
+        result.checks["applied_match_1e-5"] = max(error_full, error_changed) <= MATCH_TOLERANCE
+        progress(
+            f"[{scope}] diffusers changed {len(changed)}/{len(targets)} weights; ours vs diffusers max rel "
+            f"error {error_full:.2e} (1.0/1.0), {error_changed:.2e} (0.8/0.5); diffusers restore max |dW| "
+            f"{result.checks['diffusers_restore_max_abs_fp32']:.2e}"
+        )
+
+        progress(f"[{scope}] diffusers: load_lora_weights ...")
+        load_s, load_samples = timeit_median(lambda: runner.load(path), repeats, setup=runner.unload)
+        progress(f"[{scope}] diffusers: fuse_lora ...")
+
+        def unfused_at_full() -> None:
+            if runner.fused:
+                runner.unfuse()
+            if runner.strength != STRENGTH_FROM:
+                runner.set_strength(*STRENGTH_FROM)
+
+        apply_s, apply_samples = timeit_median(runner.fuse, repeats, setup=unfused_at_full)
+        progress(f"[{scope}] diffusers: strength change ...")
+        strength_s, strength_samples = timeit_median(
+            runner.change_strength, repeats, setup=lambda: runner.fused_at(STRENGTH_FROM)
+        )
+        progress(f"[{scope}] diffusers: unfuse_lora ...")
+        restore_s, restore_samples = timeit_median(
+            runner.unfuse, repeats, setup=lambda: runner.fused_at(STRENGTH_FROM)
+        )
+        result.diffusers = {"load": load_s, "apply": apply_s, "strength": strength_s, "restore": restore_s}
+        result.diffusers_samples = {
+            "load": load_samples,
+            "apply": apply_samples,
+            "strength": strength_samples,
+            "restore": restore_samples,
+        }
+        progress(
+            f"[{scope}] diffusers: load {load_s:.3f}s fuse {apply_s:.3f}s strength {strength_s:.3f}s "
+            f"unfuse {restore_s:.3f}s"
+        )
+    finally:
+        runner.close()
+
+
+def fp16_restore_errors(scope: str, originals: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Extra: one fuse/unfuse cycle of diffusers, and one apply/restore of ours, on a float16 load."""
+    path = lora_path(scope)
+    lora = load_lora(path)
+    targets = sorted(lora.adapters)
+    out: dict[str, Any] = {}
+    progress(f"[{scope}] fp16: diffusers fuse/unfuse cycle ...")
+    runner = DiffusersRunner(CHECKPOINT, adapter_name=f"bench_{scope}_fp16", dtype=torch.float16)
+    try:
+        runner.load(path)
+        runner.fuse()
+        runner.unfuse()
+        out["diffusers_restore_max_abs_fp16"], out["diffusers_restore_bit_exact_fp16"] = restore_error(
+            runner.parts, originals, targets
+        )
+        changed = sum(
+            not torch.equal(model_weight(runner.parts, t), originals[t].to(torch.float16)) for t in targets
+        )
+        out["diffusers_weights_not_restored_fp16"] = changed
+    finally:
+        runner.close()
+
+    progress(f"[{scope}] fp16: ours apply/restore ...")
+    components, key_map = load_single_file(CHECKPOINT, dtype=torch.float16)
+    parts = {"unet": components.unet, "text_encoder": components.text_encoder}
+    engine = PatchEngine(parts, source=FileWeightSource(CHECKPOINT, key_map))
+    engine.apply([PatchEntry(lora, *STRENGTH_FROM)])
+    engine.apply([PatchEntry(lora, *STRENGTH_TO)])
+    engine.restore()
+    out["ours_restore_bit_exact_fp16"] = not [
+        t for t in targets if not torch.equal(model_weight(parts, t), originals[t].to(torch.float16))
+    ]
+    del engine, parts, components
+    settle_memory()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Phase 4/5: figures, targets, report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def evaluate_targets(result: ScopeResult) -> dict[str, dict[str, Any]]:
+    diffusers_load_fuse = result.diffusers["load"] + result.diffusers["apply"]
+    overhead = ours_ram_overhead(result)
+    return {
+        "apply_le_0.1x_diffusers_load_fuse": {
+            "value": result.ours["apply"] / diffusers_load_fuse,
+            "limit": TARGET_APPLY_VS_DIFFUSERS,
+            "met": result.ours["apply"] <= TARGET_APPLY_VS_DIFFUSERS * diffusers_load_fuse,
+        },
+        "strength_change_le_apply": {
+            "value": result.ours["strength"] / result.ours["apply"],
+            "limit": 1.0,
+            "met": result.ours["strength"] <= result.ours["apply"],
+        },
+        "restore_bit_exact_le_0.1s": {
+            "value": result.ours["restore"],
+            "limit": TARGET_RESTORE_S,
+            "met": result.checks["ours_restore_bit_exact"] and result.ours["restore"] <= TARGET_RESTORE_S,
+        },
+        "ram_overhead_le_10pct": {
+            "value": overhead / result.patched_bytes,
+            "limit": TARGET_RAM_FRACTION,
+            "met": overhead <= TARGET_RAM_FRACTION * result.patched_bytes,
+        },
+    }
+
+
+def ours_ram_overhead(result: ScopeResult) -> int:
+    """restore_overhead_bytes + anonymous-RSS growth across the first apply (conservative: a backup
+    would be counted in both)."""
+    return result.ram["ours_restore_overhead_bytes"] + max(0, result.ram["ours_anon_growth_bytes"])
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import diffusers
+    import peft
+    import transformers
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"diffusers {diffusers.__version__}, peft {peft.__version__}, "
+        f"transformers {transformers.__version__}, Python {platform.python_version()}"
+    )
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.3f}" if seconds >= 0.001 else f"{seconds * 1000:.2f} ms"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def _met(flag: bool) -> str:
+    return "met" if flag else "**not met**"
+
+
+def render_section(results: list[ScopeResult], extras: dict[str, Any]) -> str:
+    lines = [
+        SECTION_HEADING,
+        "",
+        "_Generated by `python bench/bench_patch.py`; this section is replaced on every run._",
+        "",
+        f"Machine: {extras['machine']}. Run on {extras['date']}, total {extras['total_s']:.0f} s, "
+        f"peak RSS {gib(extras['peak_rss_bytes'])}.",
+        "",
+        f"Full-size SD1.5 architecture with random weights (seed 0), float32 on the CPU, loaded from a "
+        f"single-file checkpoint; random kohya LoRAs, rank {LORA_RANK}, alpha {LORA_ALPHA:g}. Both sides run "
+        f"in the same process, warm; every figure is the median of {extras['repeats']} repeats after one "
+        "warm-up. Ours: `load_lora`, `PatchEngine` with a `FileWeightSource`. diffusers + PEFT: "
+        "`StableDiffusionPipeline` on a second load of the same checkpoint; load = `load_lora_weights`, "
+        "apply = `fuse_lora`, strength change = `unfuse_lora` + `set_adapters` + `fuse_lora`, "
+        "restore = `unfuse_lora`. Strength change goes from 1.0/1.0 to 0.8/0.5 (U-Net/text encoder).",
+        "",
+        "### Timings",
+        "",
+        "| LoRA | operation | ours (s) | diffusers + PEFT (s) | ours / diffusers |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for result in results:
+        label = f"{result.scope} ({result.modules} modules)"
+        for op in OPERATIONS:
+            lines.append(
+                f"| {label} | {OPERATION_LABELS[op]} | {_s(result.ours[op])} | {_s(result.diffusers[op])} | "
+                f"{result.ratio(op):.3f} |"
+            )
+            label = ""
+    lines += [
+        "",
+        "### Exactness and memory",
+        "",
+        "| LoRA | patched weights | restore bit-exact: ours / diffusers | diffusers restore max abs error "
+        "fp32 (fp16) | ours vs diffusers fused, max rel. error | ours RAM overhead | diffusers anon-RSS "
+        "growth, load + fuse | ComfyUI-style backups |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for result in results:
+        checks, ram = result.checks, result.ram
+        fp16 = checks.get("diffusers_restore_max_abs_fp16")
+        fp16_text = f" ({fp16:.2e})" if fp16 is not None else ""
+        ours_exact = _yes(checks["ours_restore_bit_exact"])
+        if "ours_restore_bit_exact_fp16" in checks:
+            ours_exact += f" (fp16: {_yes(checks['ours_restore_bit_exact_fp16'])})"
+        diffusers_exact = _yes(checks["diffusers_restore_bit_exact"])
+        if "diffusers_restore_bit_exact_fp16" in checks:
+            diffusers_exact += f" (fp16: {_yes(checks['diffusers_restore_bit_exact_fp16'])})"
+        overhead = ours_ram_overhead(result)
+        lines.append(
+            f"| {result.scope} | {mib(result.patched_bytes)} | {ours_exact} / {diffusers_exact} | "
+            f"{checks['diffusers_restore_max_abs_fp32']:.2e}{fp16_text} | "
+            f"{checks['applied_max_rel_error_vs_diffusers']:.1e} | "
+            f"{mib(overhead)} ({100 * overhead / result.patched_bytes:.1f} %) | "
+            f"{mib(ram['diffusers_anon_growth_bytes'])} "
+            f"({100 * ram['diffusers_anon_growth_bytes'] / result.patched_bytes:.1f} %) | "
+            f"{mib(result.patched_bytes)} (100 %) |"
+        )
+    lines += [
+        "",
+        "Ours RAM overhead = `engine.restore_overhead_bytes` (copies of weights no file backs) + the growth "
+        "of the process's anonymous RSS (`RssAnon`, after `gc` and `malloc_trim`) across the first apply "
+        "of the LoRA. Per LoRA: "
+        + "; ".join(
+            f"{r.scope}: restore_overhead_bytes {r.ram['ours_restore_overhead_bytes']}, RssAnon growth "
+            f"{mib(r.ram['ours_anon_growth_bytes'])}, of which the LoRA's cached float32 factors "
+            f"{mib(r.ram['ours_factor_cache_bytes'])}"
+            for r in results
+        )
+        + ". diffusers' growth is the same reading across its first `load_lora_weights` + `fuse_lora` "
+        "(PEFT layers included). ComfyUI-style backups keep a copy of every patched weight.",
+        "",
+        "### Targets",
+        "",
+        "| target | "
+        + " | ".join(r.scope for r in results)
+        + " |\n|---|"
+        + "---|" * len(results),
+    ]
+    target_rows = [
+        ("apply ≤ 0.1 × diffusers' load + fuse", "apply_le_0.1x_diffusers_load_fuse", "{:.3f}×"),
+        ("strength change ≤ apply", "strength_change_le_apply", "{:.2f}× apply"),
+        ("restore bit-exact in ≤ 0.1 s", "restore_bit_exact_le_0.1s", "{:.3f} s"),
+        ("RAM overhead ≤ 10 % of patched bytes", "ram_overhead_le_10pct", "{:.1%}"),
+    ]
+    for label, key, fmt in target_rows:
+        cells = []
+        for result in results:
+            target = result.targets[key]
+            cells.append(f"{_met(target['met'])} ({fmt.format(target['value'])})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    attention = next((r for r in results if r.scope == "attention"), None)
+    if attention is not None:
+        issue_total = ISSUE_DIFFUSERS_LOAD_S + ISSUE_DIFFUSERS_FUSE_S
+        lines += [
+            "",
+            "### Against the issue's fixed reference numbers (attention LoRA)",
+            "",
+            f"The issue measured ComfyUI's ModelPatcher at {ISSUE_COMFYUI_APPLY_S} s (warm) and diffusers at "
+            f"{ISSUE_DIFFUSERS_LOAD_S} s load + {ISSUE_DIFFUSERS_FUSE_S} s fuse on this machine class. Our "
+            f"apply here: {attention.ours['apply']:.3f} s = "
+            f"{attention.ours['apply'] / ISSUE_COMFYUI_APPLY_S:.2f}× ComfyUI's and "
+            f"{attention.ours['apply'] / issue_total:.3f}× the issue's diffusers load + fuse "
+            f"({issue_total:.2f} s). This run's diffusers load + fuse: "
+            f"{attention.diffusers['load']:.3f} s + {attention.diffusers['apply']:.3f} s. These are notes, "
+            "not same-run ratios (different process, model and moment).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_doc(section: str) -> None:
+    """Replace (or append) our section of docs/benchmarks.md, keeping every other section."""
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_HEADING), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))),
+            len(lines),
+        )
+        after = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + after if after else "")
+    DOC.write_text(new)
+
+
+def json_figures(results: list[ScopeResult], extras: dict[str, Any]) -> dict[str, Any]:
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return value
+
+    return {
+        "bench": "patch_engine",
+        **{k: clean(v) for k, v in extras.items()},
+        "scopes": {
+            r.scope: {
+                "modules": r.modules,
+                "patched_bytes": r.patched_bytes,
+                "lora_file_bytes": r.lora_file_bytes,
+                "ours_s": r.ours,
+                "diffusers_s": r.diffusers,
+                "ratio_ours_over_diffusers": {op: r.ratio(op) for op in OPERATIONS},
+                "ours_samples_s": r.ours_samples,
+                "diffusers_samples_s": r.diffusers_samples,
+                "checks": {k: clean(v) for k, v in r.checks.items()},
+                "ram": {
+                    **r.ram,
+                    "ours_overhead_bytes": ours_ram_overhead(r),
+                    "ours_overhead_fraction": ours_ram_overhead(r) / r.patched_bytes,
+                    "comfyui_backup_bytes": r.patched_bytes,
+                },
+                "targets": r.targets,
+            }
+            for r in results
+        },
+        "issue_reference_s": {
+            "comfyui_apply_attention": ISSUE_COMFYUI_APPLY_S,
+            "diffusers_load": ISSUE_DIFFUSERS_LOAD_S,
+            "diffusers_fuse": ISSUE_DIFFUSERS_FUSE_S,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------
+
+
+def quiet_libraries() -> None:
+    for name in ("diffusers", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.set_verbosity_error()
+        transformers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per operation (>= 5)")
+    parser.add_argument("--scopes", nargs="+", choices=SCOPES, default=list(SCOPES))
+    parser.add_argument("--no-fp16", action="store_true", help="skip the float16 restore-error extra")
+    parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be at least 5")
+
+    torch.set_num_threads(2)
+    quiet_libraries()
+    progress(f"start: {machine_description()}")
+
+    prepare_files()
+
+    progress("phase 2: loading the checkpoint for ours ...")
+    ours = Ours(CHECKPOINT)
+    union_targets = sorted({t for scope in args.scopes for t in kohya_targets(scope)})
+    originals = snapshot(ours.parts, union_targets)  # before anything is ever patched
+    progress(
+        f"phase 2: model loaded; copied {len(originals)} original target weights "
+        f"({gib(sum(nbytes(t) for t in originals.values()))}); RssAnon {gib(rss_anon())}"
+    )
+
+    results = []
+    for scope in args.scopes:
+        result = bench_ours(ours, scope, originals, args.repeats)
+        bench_diffusers(ours, result, originals, args.repeats)
+        if not args.no_fp16:
+            result.checks.update(fp16_restore_errors(scope, originals))
+        result.targets = evaluate_targets(result)
+        result.lora = None
+        results.append(result)
+        progress(f"[{scope}] done; RssAnon {gib(rss_anon())}, peak RSS so far {gib(peak_rss())}")
+
+    extras = {
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "total_s": time.perf_counter() - _START,
+        "peak_rss_bytes": peak_rss(),
+    }
+    if not args.no_doc:
+        write_doc(render_section(results, extras))
+        progress(f"wrote {DOC.relative_to(REPO_ROOT)}")
+    print(json.dumps(json_figures(results, extras), sort_keys=False), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

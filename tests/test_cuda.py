@@ -1,0 +1,52 @@
+"""The engine on a CUDA device (skipped where there is none; run on a GPU machine before releases)."""
+
+import pytest
+import torch
+
+from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
+from lora_loom.lora_core.sd15_models import build_components, load_single_file, save_single_file
+from lora_loom.lora_core.weight_source import FileWeightSource
+
+from util import assert_bitwise_equal, make_lora, state_of
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_exact_restore_order_independence_and_cpu_agreement(tmp_path, dtype):
+    path = tmp_path / "tiny.safetensors"
+    save_single_file(build_components("tiny-sd15", seed=0), path)
+    model, key_map = load_single_file(path, dtype=dtype, device="cuda")
+    original = state_of(model)
+    engine = PatchEngine(
+        {"unet": model.unet, "text_encoder": model.text_encoder}, FileWeightSource(path, key_map)
+    )
+    a, b = make_lora(model, seed=1), make_lora(model, seed=2, scope="attention")
+
+    torch.backends.cuda.matmul.allow_tf32 = True  # as hosts often set it: the engine must not use TF32
+    try:
+        engine.apply([PatchEntry(b, 1.0, 1.0)])
+        engine.apply([PatchEntry(a, 0.8, 0.5), PatchEntry(b, -1.0, 2.0)])
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert engine.restore_overhead_bytes == 0
+    walked = state_of(model)
+
+    fresh, _ = load_single_file(path, dtype=dtype, device="cuda")
+    PatchEngine({"unet": fresh.unet, "text_encoder": fresh.text_encoder}).apply(
+        [PatchEntry(b, -1.0, 2.0), PatchEntry(a, 0.8, 0.5)]
+    )
+    assert_bitwise_equal(fresh, walked)
+
+    on_cpu, _ = load_single_file(path, dtype=torch.float32)
+    PatchEngine({"unet": on_cpu.unet, "text_encoder": on_cpu.text_encoder}).apply(
+        [PatchEntry(a, 0.8, 0.5), PatchEntry(b, -1.0, 2.0)]
+    )
+    tolerance = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    cpu_state = state_of(on_cpu)
+    for key, value in walked.items():
+        assert value.device.type == "cuda"
+        torch.testing.assert_close(value.float().cpu(), cpu_state[key], rtol=tolerance, atol=tolerance)
+
+    engine.restore()
+    assert_bitwise_equal(model, original)
