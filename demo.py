@@ -82,9 +82,8 @@ def run_demo(models_dir: Path) -> dict:
         "weights_written": [s1.weights_written, s2.weights_written, s3.weights_written],
         "modules_matched": lora_all.report.matched,
     }
-    print(
-        f"restore bit-exact: {'yes' if exact else 'NO'}; RAM kept for restoring: {engine.restore_overhead_bytes} B"
-    )
+    kept = engine.restore_overhead_bytes
+    print(f"restore bit-exact: {'yes' if exact else 'NO'}; RAM kept for restoring: {kept} B")
     print(json.dumps(figures))
     if not exact:
         raise SystemExit("restore was not bit-exact")
