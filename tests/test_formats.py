@@ -191,3 +191,22 @@ def test_fp16_file_round_trip(tiny_fp32, tmp_path):
     loaded = load_lora(tmp_path / "half.safetensors")
     assert loaded.name == "half" and loaded.components() == lora.components()
     assert next(iter(loaded.adapters.values())).up.dtype == torch.float16
+
+
+def test_locon_tucker_mid_and_pickled_files(tiny_fp32, tmp_path):
+    conv = "lora_unet_down_blocks_1_resnets_0_conv1"  # 3x3 conv, 64 -> 64 in the tiny model
+    state = {
+        f"{conv}.lora_down.weight": torch.randn(2, 32, 1, 1),
+        f"{conv}.lora_mid.weight": torch.randn(2, 2, 3, 3),
+        f"{conv}.lora_up.weight": torch.randn(64, 2, 1, 1),
+        f"{conv}.alpha": torch.tensor(1.0),
+    }
+    torch.save(state, tmp_path / "locon.pt")
+    lora = load_lora(tmp_path / "locon.pt")
+    adapter = lora.adapters["unet.down_blocks.1.resnets.0.conv1"]
+    assert adapter.mid is not None and adapter.scale == 0.5
+    adapter.check(tiny_fp32.unet.down_blocks[1].resnets[0].conv1.weight.shape)
+
+    torch.save({"not": "tensors", "code": print}, tmp_path / "evil.ckpt")  # unpickling code is refused
+    with pytest.raises(LoRAFormatError, match=r"evil\.ckpt: not a readable LoRA file"):
+        load_lora(tmp_path / "evil.ckpt")

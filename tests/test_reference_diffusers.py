@@ -69,3 +69,51 @@ def test_kohya_lora_matches_diffusers_fuse():
     assert relative_error(context, ref_context) <= 1e-5
     assert relative_error(out, ref_out) <= 1e-5
     assert text_encoder_is_flat(ours.text_encoder) == text_encoder_is_flat(reference.text_encoder)
+
+
+def test_file_saved_by_diffusers_from_a_peft_model_matches_peft_outputs(tmp_path):
+    """A LoRA trained the diffusers way (PEFT layers, `save_lora_weights` with metadata) loads exactly."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    peft_model = build_components("tiny-sd15", seed=0)
+    unet_config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"],
+    )
+    te_config = LoraConfig(
+        r=2, lora_alpha=1, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"]
+    )
+    torch.manual_seed(3)
+    peft_model.unet.add_adapter(unet_config)
+    peft_model.text_encoder.add_adapter(te_config)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=get_peft_model_state_dict(peft_model.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(peft_model.text_encoder),
+        unet_lora_adapter_metadata=unet_config.to_dict(),
+        text_encoder_lora_adapter_metadata=te_config.to_dict(),
+    )
+
+    from lora_loom.lora_core.formats import load_lora
+
+    lora = load_lora(tmp_path)
+    assert lora.report.matched == {"unet": 16 * (2 * 4 + 1), "text_encoder": 12 * 3}, lora.report.summary()
+    assert not lora.report.not_understood
+    ours = build_components("tiny-sd15", seed=0)
+    PatchEngine({"unet": ours.unet, "text_encoder": ours.text_encoder}).apply([PatchEntry(lora, 1.0, 1.0)])
+
+    g = torch.Generator().manual_seed(0)
+    latents, tokens = torch.randn(1, 4, 8, 8, generator=g), torch.randint(0, 49408, (1, 77), generator=g)
+    with torch.no_grad():
+        context, ref_context = (m.text_encoder(tokens).last_hidden_state for m in (ours, peft_model))
+        out = ours.unet(latents, 10, encoder_hidden_states=context).sample
+        ref_out = peft_model.unet(
+            latents, 10, encoder_hidden_states=ref_context
+        ).sample  # unmerged PEFT layers
+    assert relative_error(context, ref_context) <= 1e-5
+    assert relative_error(out, ref_out) <= 1e-5
+    assert relative_error(context, build_components("tiny-sd15", seed=0).text_encoder(tokens)[0]) > 1e-3
