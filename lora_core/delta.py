@@ -48,15 +48,38 @@ def _split(contributions: Sequence[Contribution], shape: torch.Size, device: tor
     return up, down, full
 
 
+# float16's largest finite value is 65504; anything from 65520 up rounds to infinity.
+_FLOAT16_OVERFLOW = 65520.0
+
+
+def write_patched(out: torch.Tensor, w0: torch.Tensor, contributions: Sequence[Contribution]) -> None:
+    """out ← round_to(out.dtype, W0 + Σ ηᵢ·deltaᵢ), summed in float32. `out` may be `w0` itself.
+
+    Always the same kernels in the same order (an in-place float32 addmm on a buffer holding W0),
+    whichever buffer W0 arrives in, so the result depends on (W0, contributions) alone.
+    Raises OverflowError, before touching `out`, if the result does not fit float16.
+    """
+    with torch.no_grad(), full_fp32_matmul():
+        up, down, full = _split(contributions, w0.shape, w0.device)
+        if out.dtype == torch.float32:
+            accumulator = out
+            if out.data_ptr() != w0.data_ptr():
+                out.copy_(w0)
+        else:
+            accumulator = w0.to(torch.float32, copy=True)
+        rows = accumulator.view(accumulator.shape[0], -1)
+        if up is not None:
+            rows.addmm_(up, down)
+        if full is not None:
+            rows.add_(full.view_as(rows))
+        if out.dtype == torch.float16 and not accumulator.abs().amax() < _FLOAT16_OVERFLOW:
+            raise OverflowError("the patched weight does not fit float16 (strength too high?)")
+        if accumulator is not out:
+            out.copy_(accumulator)
+
+
 def patched_weight(w0: torch.Tensor, contributions: Sequence[Contribution]) -> torch.Tensor:
     """W0 + Σ ηᵢ·deltaᵢ computed in float32, returned in W0's dtype (always a new tensor)."""
-    if not contributions:
-        return w0.clone()
-    with full_fp32_matmul():
-        up, down, full = _split(contributions, w0.shape, w0.device)
-        weight = w0.to(torch.float32).flatten(1)
-        if up is not None:
-            weight = torch.addmm(weight, up, down)
-        if full is not None:
-            weight = weight + full.flatten(1)
-    return weight.reshape(w0.shape).to(w0.dtype)
+    out = torch.empty_like(w0)
+    write_patched(out, w0, contributions)
+    return out

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import AdapterError
-from .delta import Contribution, patched_weight
+from .delta import Contribution, patched_weight, write_patched
 from .lora import LoRA, component_of
 from .weight_source import FileWeightSource
 
@@ -169,25 +169,38 @@ class PatchEngine:
                     raise PatchError(f"LoRA '{name}' does not fit {target}: {error}") from None
 
     def _write(self, target: str, contributions: tuple[Contribution, ...], stats: PatchStats) -> None:
-        _, _, weight = self.parameter(target)
-        base = self._base_weight(target, weight, stats)
-        new = patched_weight(base, contributions) if contributions else base
-        if weight.dtype == torch.float16 and contributions and not torch.isfinite(new).all():
-            raise PatchError(f"{target}: the patched weight overflows float16 (strength too high?)")
-        with torch.no_grad():
-            weight.copy_(new)
+        component, name, weight = self.parameter(target)
+        base = self._base_weight(target, component, name, weight, stats)
+        try:
+            if contributions:
+                write_patched(weight, base, contributions)
+            elif base is not weight:
+                with torch.no_grad():
+                    weight.copy_(base)
+        except BaseException as error:
+            # The weight may be half written: put back what it held, from the remembered base.
+            previous = self._applied.get(target, ())
+            write_patched(weight, self._stored_base(target, component, name, weight), previous)
+            if isinstance(error, OverflowError):
+                raise PatchError(f"{target}: {error}") from None
+            raise
         if contributions:
             self._applied[target] = contributions
         else:
             self._applied.pop(target, None)
 
-    def _base_weight(self, target: str, weight: torch.Tensor, stats: PatchStats) -> torch.Tensor:
+    def _base_weight(
+        self, target: str, component: str, name: str, weight: torch.Tensor, stats: PatchStats
+    ) -> torch.Tensor:
         """W0 of `target` (the base, including anything fused), in the live weight's dtype/device."""
         if target not in self._applied:
             # The live weight *is* the base right now: make sure it can be recovered later.
-            self._remember(target, weight, stats)
-            return weight.detach()
-        component, name, _ = self.parameter(target)
+            self._remember(target, component, name, weight, stats)
+            return weight
+        return self._stored_base(target, component, name, weight)
+
+    def _stored_base(self, target: str, component: str, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W0 as remembered (file or copy) with any fused layers on top — never the live weight."""
         if target in self._file_backed:
             base = self.source.read(component, name, weight)
         else:
@@ -196,15 +209,23 @@ class PatchEngine:
             base = patched_weight(base, layer)
         return base
 
-    def _remember(self, target: str, weight: torch.Tensor, stats: PatchStats) -> None:
+    def _remember(
+        self, target: str, component: str, name: str, weight: torch.Tensor, stats: PatchStats
+    ) -> None:
         if target in self._file_backed or target in self._backups:
             return
         if self.source is not None:
-            component, name, _ = self.parameter(target)
             from_file = self.source.read(component, name, weight)
-            if from_file is not None and torch.equal(from_file, weight):
+            if from_file is not None and _same_sample(from_file, weight):
                 self._file_backed.add(target)
                 return
             if from_file is not None:
                 stats.notes.append(f"{target}: differs from {self.source.path}; keeping a copy instead")
         self._backups[target] = weight.detach().clone()
+
+
+def _same_sample(a: torch.Tensor, b: torch.Tensor, stride: int = 257) -> bool:
+    """Bitwise equality of every `stride`-th element (plus the last): a cheap check that the live
+    weight is still the file's — any merge, fine-tune or dtype change rewrites essentially all of it."""
+    a, b = a.detach().reshape(-1), b.detach().reshape(-1)
+    return a.shape == b.shape and torch.equal(a[::stride], b[::stride]) and torch.equal(a[-1:], b[-1:])

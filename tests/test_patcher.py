@@ -115,8 +115,8 @@ def test_strength_change_recomputes_only_affected_weights(monkeypatch):
     engine = engine_for(model)
     engine.apply([PatchEntry(both, 1.0, 1.0), PatchEntry(te_only, 1.0, 1.0)])
     calls = []
-    real = delta_module.patched_weight
-    monkeypatch.setattr("lora_loom.lora_core.patcher.patched_weight", lambda *a: calls.append(1) or real(*a))
+    real = delta_module.write_patched
+    monkeypatch.setattr("lora_loom.lora_core.patcher.write_patched", lambda *a: calls.append(1) or real(*a))
     stats = engine.apply([PatchEntry(both, 0.5, 1.0), PatchEntry(te_only, 1.0, 1.0)])
     assert stats.weights_written == both.components()["unet"] == len(calls) == 192
     calls.clear()
@@ -162,15 +162,15 @@ def test_failure_half_way_rolls_back_exactly(monkeypatch):
     engine = engine_for(model)
     engine.apply([PatchEntry(a, 1.0, 1.0)])
     before = state_of(model)
-    real, calls = delta_module.patched_weight, []
+    real, calls = delta_module.write_patched, []
 
     def failing(*args):
         calls.append(1)
-        if len(calls) == 100:
+        real(*args)
+        if len(calls) == 100:  # fails *after* overwriting its weight
             raise MemoryError("simulated out of memory")
-        return real(*args)
 
-    monkeypatch.setattr("lora_loom.lora_core.patcher.patched_weight", failing)
+    monkeypatch.setattr("lora_loom.lora_core.patcher.write_patched", failing)
     with pytest.raises(MemoryError):
         engine.apply([PatchEntry(a, 0.2, 1.0), PatchEntry(b, 1.0, 1.0)])
     assert len(calls) > 100  # it did write ~99 weights, then put them back
@@ -187,7 +187,7 @@ def test_fp16_overflow_is_refused_and_model_unchanged():
     huge = make_lora(model, seed=13)
     for adapter in huge.adapters.values():
         adapter.up.mul_(1e6)
-    with pytest.raises(PatchError, match="overflows float16"):
+    with pytest.raises(PatchError, match="does not fit float16"):
         engine_for(model).apply([PatchEntry(huge, 10.0, 10.0)])
     assert_bitwise_equal(model, original)
 
