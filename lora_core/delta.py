@@ -52,6 +52,11 @@ def _split(contributions: Sequence[Contribution], shape: torch.Size, device: tor
 _FLOAT16_OVERFLOW = 65520.0
 
 
+def _fits_float16(values: torch.Tensor) -> bool:
+    low, high = torch.aminmax(values)  # no full-size temporary; NaN fails both comparisons
+    return bool(-_FLOAT16_OVERFLOW < low) and bool(high < _FLOAT16_OVERFLOW)
+
+
 def write_patched(out: torch.Tensor, w0: torch.Tensor, contributions: Sequence[Contribution]) -> None:
     """out ← round_to(out.dtype, W0 + Σ ηᵢ·deltaᵢ), summed in float32. `out` may be `w0` itself.
 
@@ -72,7 +77,7 @@ def write_patched(out: torch.Tensor, w0: torch.Tensor, contributions: Sequence[C
             rows.addmm_(up, down)
         if full is not None:
             rows.add_(full.view_as(rows))
-        if out.dtype == torch.float16 and not accumulator.abs().amax() < _FLOAT16_OVERFLOW:
+        if out.dtype == torch.float16 and not _fits_float16(accumulator):
             raise OverflowError("the patched weight does not fit float16 (strength too high?)")
         if accumulator is not out:
             out.copy_(accumulator)

@@ -378,9 +378,13 @@ def load_single_file(
         for component, module in components.items():
             state_dict = {}
             for name, key in sources[component].items():
-                tensor = checkpoint.get_tensor(key)
-                if dtype is not None:
-                    tensor = tensor.to(dtype)
+                mapped = checkpoint.get_tensor(key)
+                tensor = mapped.to(dtype) if dtype is not None else mapped
+                if tensor is mapped and torch.device(device).type == "cpu":
+                    # Own the memory: a tensor still backed by the memory-mapped file is copied 4 KiB
+                    # page by page on its first in-place write (LoRA patching), and breaks if the file
+                    # is replaced on disk.
+                    tensor = tensor.clone()
                 if component == "vae" and vae_key_needs_reshape(name):
                     tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # [C, C, 1, 1] conv -> Linear
                 state_dict[name] = tensor.to(device)
