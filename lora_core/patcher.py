@@ -231,7 +231,7 @@ class PatchEngine:
         self._backups[target] = weight.detach().clone()
 
 
-def _same_sample(a: torch.Tensor, b: torch.Tensor, samples: int = 256) -> bool:
+def _same_sample(a: torch.Tensor, b: torch.Tensor, samples: int = 32) -> bool:
     """Bitwise equality at `samples` evenly spaced elements (and the last): a cheap check that the
     live weight is still the file's. Any merge, fine-tune or dtype change rewrites essentially every
     element, and reading a few pages of the mapped file costs far less than reading all of it."""
