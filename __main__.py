@@ -9,9 +9,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_loom", description="LoRA Loom headless tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo", help="apply, re-weight, stack and restore LoRAs on a built-in tiny base"
-    )
+    demo = commands.add_parser("demo", help="apply, re-weight, stack and restore LoRAs on a built-in tiny base")
     demo.add_argument("--models-dir", type=Path, default=Path("models"), help="ComfyUI-style models folder")
     args = parser.parse_args(argv)
     if args.command == "demo":

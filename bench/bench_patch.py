@@ -227,9 +227,7 @@ def prepare_files() -> None:
         path = lora_path(scope)
         if path.is_file():
             continue
-        state = random_kohya_lora(
-            parts, kohya_targets(scope), rank=LORA_RANK, alpha=LORA_ALPHA, seed=LORA_SEEDS[scope]
-        )
+        state = random_kohya_lora(parts, kohya_targets(scope), rank=LORA_RANK, alpha=LORA_ALPHA, seed=LORA_SEEDS[scope])
         _write_atomically(path, lambda p, state=state: save_file(state, str(p)))
         progress(f"phase 1: wrote {path.relative_to(REPO_ROOT)} ({mib(path.stat().st_size)})")
 
@@ -359,9 +357,7 @@ def bench_ours(ours: Ours, scope: str, originals: dict[str, torch.Tensor], repea
     progress(f"[{scope}] ours: apply ...")
     result.measure("ours", "apply", lambda: engine.apply([full]), repeats, setup=engine.restore)
     progress(f"[{scope}] ours: strength change ...")
-    result.measure(
-        "ours", "strength", lambda: engine.apply([changed]), repeats, setup=lambda: engine.apply([full])
-    )
+    result.measure("ours", "strength", lambda: engine.apply([changed]), repeats, setup=lambda: engine.apply([full]))
     progress(f"[{scope}] ours: restore ...")
     restore_checks: list[bool] = []
 
@@ -473,9 +469,7 @@ def restore_error(parts, originals: dict[str, torch.Tensor], targets: list[str])
     return worst, exact
 
 
-def bench_diffusers(
-    ours: Ours, result: ScopeResult, originals: dict[str, torch.Tensor], repeats: int
-) -> None:
+def bench_diffusers(ours: Ours, result: ScopeResult, originals: dict[str, torch.Tensor], repeats: int) -> None:
     scope, path, lora = result.scope, lora_path(result.scope), result.lora
     targets = sorted(lora.adapters)
     engine = ours.engine
@@ -495,8 +489,8 @@ def bench_diffusers(
         engine.apply([PatchEntry(lora, *STRENGTH_FROM)])
         error_full = compare_applied(ours, runner, targets)
         runner.unfuse()
-        result.checks["diffusers_restore_max_abs_fp32"], result.checks["diffusers_restore_bit_exact"] = (
-            restore_error(runner.parts, originals, targets)
+        result.checks["diffusers_restore_max_abs_fp32"], result.checks["diffusers_restore_bit_exact"] = restore_error(
+            runner.parts, originals, targets
         )
         runner.fused_at(STRENGTH_TO)
         engine.apply([PatchEntry(lora, *STRENGTH_TO)])
@@ -530,9 +524,7 @@ def bench_diffusers(
             setup=lambda: runner.fused_at(STRENGTH_FROM),
         )
         progress(f"[{scope}] diffusers: unfuse_lora ...")
-        result.measure(
-            "diffusers", "restore", runner.unfuse, repeats, setup=lambda: runner.fused_at(STRENGTH_FROM)
-        )
+        result.measure("diffusers", "restore", runner.unfuse, repeats, setup=lambda: runner.fused_at(STRENGTH_FROM))
         progress(f"[{scope}] diffusers: {result.summary('diffusers')}")
     finally:
         runner.close()
@@ -556,17 +548,13 @@ def fp16_restore_errors(scope: str, originals: dict[str, torch.Tensor]) -> dict[
         out["diffusers_restore_max_abs_fp16"], out["diffusers_restore_bit_exact_fp16"] = restore_error(
             runner.parts, originals, targets
         )
-        changed = sum(
-            not torch.equal(model_weight(runner.parts, t), originals[t].to(torch.float16)) for t in targets
-        )
+        changed = sum(not torch.equal(model_weight(runner.parts, t), originals[t].to(torch.float16)) for t in targets)
         out["diffusers_weights_not_restored_fp16"] = changed
     finally:
         runner.close()
 
     progress(f"[{scope}] fp16: ours apply/restore ...")
-    (components, key_map), seconds["ours_model_load"] = timed(
-        lambda: load_single_file(CHECKPOINT, dtype=torch.float16)
-    )
+    (components, key_map), seconds["ours_model_load"] = timed(lambda: load_single_file(CHECKPOINT, dtype=torch.float16))
     parts = {"unet": components.unet, "text_encoder": components.text_encoder}
     engine = PatchEngine(parts, source=FileWeightSource(CHECKPOINT, key_map))
     _, seconds["ours_first_apply"] = timed(lambda: engine.apply([PatchEntry(lora, *STRENGTH_FROM)]))
@@ -730,8 +718,7 @@ def render_section(results: list[ScopeResult], extras: dict[str, Any]) -> str:
         "",
         "First calls in the process (single shots, not medians; the file is in the page cache). Ours: "
         + "; ".join(
-            f"{r.scope}: load_lora {r.first_call['load']:.3f} s, apply {r.first_call['apply']:.3f} s"
-            for r in results
+            f"{r.scope}: load_lora {r.first_call['load']:.3f} s, apply {r.first_call['apply']:.3f} s" for r in results
         )
         + ". diffusers on a fresh pipeline: "
         + "; ".join(

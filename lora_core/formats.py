@@ -177,9 +177,7 @@ def _architecture_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
     keys = " ".join(state_dict)
     if "lora_te2_" in keys or "text_encoder_2" in keys or "add_embedding" in keys:
         return " (it looks like an SDXL LoRA)"
-    if "transformer_blocks" in keys and (
-        "double_blocks" in keys or "joint" in keys or "single_blocks" in keys
-    ):
+    if "transformer_blocks" in keys and ("double_blocks" in keys or "joint" in keys or "single_blocks" in keys):
         return " (it looks like a LoRA for a transformer model such as SD3 or Flux)"
     return ""
 

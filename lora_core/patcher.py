@@ -163,9 +163,7 @@ class PatchEngine:
             raise PatchError(f"target {target}: module '{module_path}' has no weight")
         return component, f"{module_path}.weight", module
 
-    def _check(
-        self, targets: list[str], desired: Mapping[str, tuple[Contribution, ...]], patch_set: PatchSet
-    ) -> None:
+    def _check(self, targets: list[str], desired: Mapping[str, tuple[Contribution, ...]], patch_set: PatchSet) -> None:
         for target in targets:
             _, _, weight = self.parameter(target)
             for adapter, _strength in desired.get(target, ()):
@@ -216,9 +214,7 @@ class PatchEngine:
             base = patched_weight(base, layer)
         return base
 
-    def _remember(
-        self, target: str, component: str, name: str, weight: torch.Tensor, stats: PatchStats
-    ) -> None:
+    def _remember(self, target: str, component: str, name: str, weight: torch.Tensor, stats: PatchStats) -> None:
         if target in self._file_backed or target in self._backups:
             return
         if self.source is not None:

@@ -133,9 +133,7 @@ def _unet_blocks() -> list[tuple[str, str, tuple[_Layer, ...]]]:
                 )
             input_index += 1
         if level < _UNET_LEVELS - 1:
-            blocks.append(
-                (f"input_blocks.{input_index}.0", f"down_blocks.{level}.downsamplers.0", _UNET_DOWNSAMPLER)
-            )
+            blocks.append((f"input_blocks.{input_index}.0", f"down_blocks.{level}.downsamplers.0", _UNET_DOWNSAMPLER))
             input_index += 1
 
     blocks += [
@@ -341,9 +339,7 @@ def unet_ldm_to_diffusers(name: str) -> str:
 
 def unet_diffusers_to_ldm(name: str) -> str:
     """U-Net module path or tensor key, diffusers -> LDM (inverse of :func:`unet_ldm_to_diffusers`)."""
-    return _lookup(
-        _UNET_DIFFUSERS_TO_LDM, name, "U-Net diffusers", "down_blocks.0.attentions.0.proj_in.weight", ""
-    )
+    return _lookup(_UNET_DIFFUSERS_TO_LDM, name, "U-Net diffusers", "down_blocks.0.attentions.0.proj_in.weight", "")
 
 
 def vae_ldm_to_diffusers(name: str) -> str:
@@ -358,9 +354,7 @@ def vae_ldm_to_diffusers(name: str) -> str:
 
 def vae_diffusers_to_ldm(name: str) -> str:
     """VAE module path or tensor key, diffusers -> LDM (inverse of :func:`vae_ldm_to_diffusers`)."""
-    return _lookup(
-        _VAE_DIFFUSERS_TO_LDM, name, "VAE diffusers", "encoder.mid_block.attentions.0.to_q.weight", ""
-    )
+    return _lookup(_VAE_DIFFUSERS_TO_LDM, name, "VAE diffusers", "encoder.mid_block.attentions.0.to_q.weight", "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -420,11 +414,7 @@ def _is_text_encoder_name(name: str) -> bool:
 
 
 def _unknown_text_encoder_name(name: str) -> KeyError:
-    hint = (
-        f" (give it without the {TEXT_ENCODER_PREFIX!r} prefix)"
-        if name.startswith(TEXT_ENCODER_PREFIX)
-        else ""
-    )
+    hint = f" (give it without the {TEXT_ENCODER_PREFIX!r} prefix)" if name.startswith(TEXT_ENCODER_PREFIX) else ""
     return KeyError(
         f"unknown SD1.5 text encoder name {name!r}{hint}; expected a module path or tensor key such as "
         "'text_model.encoder.layers.0.self_attn.q_proj.weight'"

@@ -205,8 +205,7 @@ def infer_configs(shapes: dict[str, tuple]) -> tuple[dict, dict, dict]:
     unet = by_component["unet"]
     num_levels = len(unet_config["block_out_channels"])
     unet_config["block_out_channels"] = [
-        _shape_of(unet, "unet", f"down_blocks.{level}.resnets.0.conv1.weight")[0]
-        for level in range(num_levels)
+        _shape_of(unet, "unet", f"down_blocks.{level}.resnets.0.conv1.weight")[0] for level in range(num_levels)
     ]
     unet_config["in_channels"] = _shape_of(unet, "unet", "conv_in.weight")[1]
     unet_config["out_channels"] = _shape_of(unet, "unet", "conv_out.weight")[0]
@@ -216,8 +215,7 @@ def infer_configs(shapes: dict[str, tuple]) -> tuple[dict, dict, dict]:
     vae = by_component["vae"]
     num_levels = len(vae_config["block_out_channels"])
     vae_config["block_out_channels"] = [
-        _shape_of(vae, "vae", f"encoder.down_blocks.{level}.resnets.0.conv1.weight")[0]
-        for level in range(num_levels)
+        _shape_of(vae, "vae", f"encoder.down_blocks.{level}.resnets.0.conv1.weight")[0] for level in range(num_levels)
     ]
     vae_config["in_channels"] = _shape_of(vae, "vae", "encoder.conv_in.weight")[1]
     vae_config["out_channels"] = _shape_of(vae, "vae", "decoder.conv_out.weight")[0]
@@ -226,9 +224,7 @@ def infer_configs(shapes: dict[str, tuple]) -> tuple[dict, dict, dict]:
     text = by_component["text_encoder"]
     vocab_size, hidden_size = _shape_of(text, "text_encoder", "text_model.embeddings.token_embedding.weight")
     layers_prefix = "text_model.encoder.layers."
-    layer_indices = {
-        int(name[len(layers_prefix) :].split(".")[0]) for name in text if name.startswith(layers_prefix)
-    }
+    layer_indices = {int(name[len(layers_prefix) :].split(".")[0]) for name in text if name.startswith(layers_prefix)}
     if layer_indices != set(range(len(layer_indices))):
         raise KeyError(f"cannot infer the SD1.5 text_encoder config: layer indices {sorted(layer_indices)}")
     text_encoder_config["vocab_size"] = vocab_size

@@ -18,9 +18,7 @@ def test_cuda_exact_restore_order_independence_and_cpu_agreement(tmp_path, dtype
     save_single_file(build_components("tiny-sd15", seed=0), path)
     model, key_map = load_single_file(path, dtype=dtype, device="cuda")
     original = state_of(model)
-    engine = PatchEngine(
-        {"unet": model.unet, "text_encoder": model.text_encoder}, FileWeightSource(path, key_map)
-    )
+    engine = PatchEngine({"unet": model.unet, "text_encoder": model.text_encoder}, FileWeightSource(path, key_map))
     a, b = make_lora(model, seed=1), make_lora(model, seed=2, scope="attention")
 
     torch.backends.cuda.matmul.allow_tf32 = True  # as hosts often set it: the engine must not use TF32

@@ -33,9 +33,7 @@ def test_restore_from_file_is_exact_and_costs_no_copy(checkpoint, dtype):
 
     # Same set from either engine: the file-backed path gives bitwise what the copy-backed path gives.
     copy_backed, _ = load_single_file(checkpoint, dtype=dtype)
-    PatchEngine({"unet": copy_backed.unet, "text_encoder": copy_backed.text_encoder}).apply(
-        [PatchEntry(b, 2.0, 0.5)]
-    )
+    PatchEngine({"unet": copy_backed.unet, "text_encoder": copy_backed.text_encoder}).apply([PatchEntry(b, 2.0, 0.5)])
     engine.apply([PatchEntry(a, 1.0, 1.0)])
     engine.apply([PatchEntry(b, 2.0, 0.5)])
     assert_bitwise_equal(model, state_of(copy_backed))

@@ -39,9 +39,7 @@ def assert_same_adapters(a, b):
     assert a.adapters.keys() == b.adapters.keys()
     for key in a.adapters:
         x, y = a.adapters[key], b.adapters[key]
-        assert torch.equal(x.up.flatten(1), y.up.flatten(1)) and torch.equal(
-            x.down.flatten(1), y.down.flatten(1)
-        )
+        assert torch.equal(x.up.flatten(1), y.up.flatten(1)) and torch.equal(x.down.flatten(1), y.down.flatten(1))
         assert x.scale == y.scale, key
 
 
@@ -111,9 +109,7 @@ def test_old_attention_processor_names(kohya_state):
     state = {}
     for target, adapter in reference.adapters.items():
         if target.startswith("unet.") and ".attn" in target:
-            attention, proj = (
-                target[5:].rsplit(".", 1) if not target.endswith("to_out.0") else (target[5:-9], "to_out")
-            )
+            attention, proj = target[5:].rsplit(".", 1) if not target.endswith("to_out.0") else (target[5:-9], "to_out")
             state[f"{attention}.processor.{proj}_lora.up.weight"] = adapter.up
             state[f"{attention}.processor.{proj}_lora.down.weight"] = adapter.down
     parsed = parse_lora(state)

@@ -82,9 +82,7 @@ def test_conv_and_tucker_mid_deltas():
     w = weight(model, target)
     out_ch, in_ch = w.shape[:2]
     g = torch.Generator().manual_seed(0)
-    plain = LoRAAdapter(
-        up=torch.randn(out_ch, 3, 1, 1, generator=g), down=torch.randn(3, in_ch, 3, 3, generator=g)
-    )
+    plain = LoRAAdapter(up=torch.randn(out_ch, 3, 1, 1, generator=g), down=torch.randn(3, in_ch, 3, 3, generator=g))
     mid = torch.randn(3, 3, 3, 3, generator=g)
     down_1x1 = torch.randn(3, in_ch, 1, 1, generator=g)
     tucker = LoRAAdapter(up=plain.up, down=down_1x1, mid=mid, alpha=1.5)
@@ -211,7 +209,5 @@ def test_restore_without_a_file_keeps_copies_only_of_patched_weights():
     lora = make_lora(model, seed=16, scope="attention")
     engine = engine_for(model)
     engine.apply([PatchEntry(lora, 1.0, 1.0)])
-    patched_bytes = sum(
-        engine.parameter(t)[2].numel() * engine.parameter(t)[2].element_size() for t in lora.adapters
-    )
+    patched_bytes = sum(engine.parameter(t)[2].numel() * engine.parameter(t)[2].element_size() for t in lora.adapters)
     assert engine.restore_overhead_bytes == patched_bytes

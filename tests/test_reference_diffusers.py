@@ -84,9 +84,7 @@ def test_file_saved_by_diffusers_from_a_peft_model_matches_peft_outputs(tmp_path
         init_lora_weights=False,
         target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"],
     )
-    te_config = LoraConfig(
-        r=2, lora_alpha=1, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"]
-    )
+    te_config = LoraConfig(r=2, lora_alpha=1, init_lora_weights=False, target_modules=["q_proj", "v_proj", "fc1"])
     torch.manual_seed(3)
     peft_model.unet.add_adapter(unet_config)
     peft_model.text_encoder.add_adapter(te_config)
@@ -111,9 +109,7 @@ def test_file_saved_by_diffusers_from_a_peft_model_matches_peft_outputs(tmp_path
     with torch.no_grad():
         context, ref_context = (m.text_encoder(tokens).last_hidden_state for m in (ours, peft_model))
         out = ours.unet(latents, 10, encoder_hidden_states=context).sample
-        ref_out = peft_model.unet(
-            latents, 10, encoder_hidden_states=ref_context
-        ).sample  # unmerged PEFT layers
+        ref_out = peft_model.unet(latents, 10, encoder_hidden_states=ref_context).sample  # unmerged PEFT layers
     assert relative_error(context, ref_context) <= 1e-5
     assert relative_error(out, ref_out) <= 1e-5
     assert relative_error(context, build_components("tiny-sd15", seed=0).text_encoder(tokens)[0]) > 1e-3

@@ -241,9 +241,7 @@ def test_text_encoder_names():
     assert text_encoder_ldm_to_transformers(name, flat=False) == name
     assert text_encoder_transformers_to_ldm("encoder.layers.11.self_attn.q_proj.weight") == name
     assert text_encoder_transformers_to_ldm(name) == name
-    assert (
-        text_encoder_transformers_to_ldm("encoder.layers.3.mlp.fc2") == "text_model.encoder.layers.3.mlp.fc2"
-    )
+    assert text_encoder_transformers_to_ldm("encoder.layers.3.mlp.fc2") == "text_model.encoder.layers.3.mlp.fc2"
     assert text_encoder_transformers_to_ldm("final_layer_norm.bias") == "text_model.final_layer_norm.bias"
     with pytest.raises(KeyError):
         text_encoder_ldm_to_transformers("encoder.layers.0.mlp.fc1.weight", flat=True)  # needs `text_model.`
@@ -362,8 +360,7 @@ def test_same_as_diffusers_converters_on_tiny_model(tiny):
     _assert_same_tensors(diffusers_unet, tiny.unet.state_dict())
     _assert_same_tensors(diffusers_vae, tiny.vae.state_dict())
     text_encoder_state_dict = {
-        text_encoder_transformers_to_ldm(name): tensor
-        for name, tensor in tiny.text_encoder.state_dict().items()
+        text_encoder_transformers_to_ldm(name): tensor for name, tensor in tiny.text_encoder.state_dict().items()
     }
     _assert_same_tensors(diffusers_text_encoder, text_encoder_state_dict)
 

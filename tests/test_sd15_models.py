@@ -264,12 +264,8 @@ def test_load_rejects_other_files(tmp_path):
 def test_diffusers_from_single_file_reads_our_file(tiny, tiny_file, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     config = str(config_dir("tiny-sd15"))
-    unet = UNet2DConditionModel.from_single_file(
-        str(tiny_file), config=config, subfolder="unet", local_files_only=True
-    )
-    vae = AutoencoderKL.from_single_file(
-        str(tiny_file), config=config, subfolder="vae", local_files_only=True
-    )
+    unet = UNet2DConditionModel.from_single_file(str(tiny_file), config=config, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_single_file(str(tiny_file), config=config, subfolder="vae", local_files_only=True)
     # What StableDiffusionPipeline.from_single_file uses for the CLIP text encoder.
     checkpoint = load_single_file_checkpoint(str(tiny_file), local_files_only=True)
     text_encoder = create_diffusers_clip_model_from_ldm(

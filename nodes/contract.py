@@ -1,0 +1,108 @@
+"""LoRA Loom's public node contract: ids, input names and order, output order. Workflows depend on it."""
+
+from __future__ import annotations
+
+from .paths import checkpoint_choices, lora_choices
+from .schema import Input, NodeSchema, Output
+
+CATEGORY = "LoRA Loom"
+SAMPLERS = ("euler", "euler_ancestral", "heun", "ddim", "dpmpp_2m", "lms")
+SCHEDULERS = ("normal", "karras")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+STRENGTH = {"type": "FLOAT", "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
+
+LOAD_BASE = NodeSchema(
+    node_id="LoadBase",
+    display_name="Load SD1.5 Base",
+    category=CATEGORY,
+    description="Loads a Stable Diffusion 1.5 checkpoint (single file or diffusers folder), fully offline.",
+    inputs=(
+        Input("ckpt_name", "COMBO", options=checkpoint_choices, tooltip="checkpoints folder, or a built-in base"),
+        Input("dtype", "COMBO", default="auto", options=DTYPES, tooltip="auto: the file's own precision"),
+    ),
+    outputs=(Output("SD_BASE", "base"),),
+)
+
+LOAD_LORA = NodeSchema(
+    node_id="LoadLoRA",
+    display_name="Load LoRA",
+    category=CATEGORY,
+    description="Reads a LoRA (kohya, diffusers, PEFT or ComfyUI layout) and reports what it matched.",
+    inputs=(Input("lora_name", "COMBO", options=lora_choices, tooltip="loras folder"),),
+    outputs=(Output("LORA", "lora"),),
+)
+
+APPLY_LORA = NodeSchema(
+    node_id="ApplyLoRA",
+    display_name="Apply LoRA",
+    category=CATEGORY,
+    description="Adds a LoRA to the base's patch set, with separate U-Net and text-encoder strengths. Chainable.",
+    inputs=(
+        Input("base", "SD_BASE"),
+        Input("lora", "LORA"),
+        Input("strength_unet", **STRENGTH),
+        Input("strength_text_encoder", **STRENGTH),
+    ),
+    outputs=(Output("SD_BASE", "base"),),
+)
+
+FUSE_LORA = NodeSchema(
+    node_id="FuseLoRA",
+    display_name="Fuse LoRA",
+    category=CATEGORY,
+    description="Makes the applied LoRAs part of the base downstream; optionally saves a single-file checkpoint.",
+    inputs=(
+        Input("base", "SD_BASE"),
+        Input(
+            "save_name",
+            "STRING",
+            default="",
+            tooltip="empty: don't save; else a file in the checkpoints folder",
+        ),
+        Input("save_fp16", "BOOLEAN", default=False, optional=True, tooltip="write the checkpoint in float16"),
+    ),
+    outputs=(Output("SD_BASE", "base"),),
+    output_node=True,
+)
+
+SAMPLER = NodeSchema(
+    node_id="Sampler",
+    display_name="Sampler (SD1.5)",
+    category=CATEGORY,
+    description="Text to image with the base's current LoRAs; diffusers schedulers.",
+    inputs=(
+        Input("base", "SD_BASE"),
+        Input("prompt", "STRING", default="", multiline=True),
+        Input("negative_prompt", "STRING", default="", multiline=True),
+        Input("seed", "INT", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+        Input("steps", "INT", default=20, min=1, max=10000),
+        Input("cfg", "FLOAT", default=7.0, min=0.0, max=100.0, step=0.1),
+        Input("sampler_name", "COMBO", default="euler", options=SAMPLERS),
+        Input("scheduler", "COMBO", default="normal", options=SCHEDULERS),
+        Input("width", "INT", default=512, min=64, max=8192, step=8),
+        Input("height", "INT", default=512, min=64, max=8192, step=8),
+        Input("batch_size", "INT", default=1, min=1, max=64),
+    ),
+    outputs=(Output("IMAGE", "image"), Output("LATENT", "latent")),
+)
+
+NODES: tuple[NodeSchema, ...] = (LOAD_BASE, LOAD_LORA, APPLY_LORA, FUSE_LORA, SAMPLER)
+
+# ComfyUI core nodes the headless runner provides with the host's semantics (never registered in the host).
+SAVE_IMAGE = NodeSchema(
+    node_id="SaveImage",
+    display_name="Save Image",
+    category="image",
+    description="Saves images as PNG with the prompt and workflow embedded.",
+    inputs=(Input("images", "IMAGE"), Input("filename_prefix", "STRING", default="ComfyUI")),
+    output_node=True,
+)
+PREVIEW_IMAGE = NodeSchema(
+    node_id="PreviewImage",
+    display_name="Preview Image",
+    category="image",
+    description="Shows images (headless: writes them to the temp folder).",
+    inputs=(Input("images", "IMAGE"),),
+    output_node=True,
+)
+CORE_NODES: tuple[NodeSchema, ...] = (SAVE_IMAGE, PREVIEW_IMAGE)

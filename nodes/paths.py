@@ -1,0 +1,65 @@
+"""Model folders: ComfyUI's `folder_paths` inside the host, a ComfyUI-style models dir headless."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUILT_IN_BASES = ("tiny-sd15 (built-in)",)
+_MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_models_dir = Path(os.environ.get("LORA_LOOM_MODELS_DIR", "models"))
+
+
+def set_models_dir(path: str | os.PathLike) -> None:
+    """Headless runs: where `checkpoints/` and `loras/` live (ComfyUI's layout)."""
+    global _models_dir
+    _models_dir = Path(path)
+
+
+def _host_folder_paths():
+    try:
+        import folder_paths  # ComfyUI's own module; exists only inside the host
+    except ImportError:
+        return None
+    return folder_paths
+
+
+def list_models(kind: str) -> list[str]:
+    """File names (relative paths) in a model folder kind: "checkpoints" or "loras"."""
+    host = _host_folder_paths()
+    if host is not None:
+        return list(host.get_filename_list(kind))
+    root = _models_dir / kind
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if path.is_file() and path.suffix in _MODEL_EXTENSIONS:
+            found.append(relative)
+        elif path.is_dir() and (path / "model_index.json").is_file():
+            found.append(relative)  # a diffusers folder
+    return found
+
+
+def model_path(kind: str, name: str) -> Path | None:
+    """Full path of a listed model, or None if it does not exist."""
+    host = _host_folder_paths()
+    if host is not None:
+        found = host.get_full_path(kind, name)
+        return Path(found) if found else None
+    path = _models_dir / kind / name
+    return path if path.exists() else None
+
+
+def output_dir() -> Path:
+    host = _host_folder_paths()
+    return Path(host.get_output_directory()) if host is not None else Path("output")
+
+
+def checkpoint_choices() -> list[str]:
+    return list(BUILT_IN_BASES) + list_models("checkpoints")
+
+
+def lora_choices() -> list[str]:
+    return list_models("loras")
