@@ -11,7 +11,7 @@ otherwise a copy of each weight is kept the first time it is patched.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +43,10 @@ class PatchEntry:
 
 
 PatchSet = tuple[PatchEntry, ...]
+# What one weight holds: W0, then each stage's contributions added and rounded in turn. Fused
+# layers are earlier stages (rounded to the weight's dtype, like a saved checkpoint); the live patch
+# set is the last. Empty stages are dropped, so a weight nobody patches holds `()`.
+Stages = tuple[tuple[Contribution, ...], ...]
 
 
 @dataclass
@@ -69,39 +73,53 @@ def contributions_by_target(patch_set: Iterable[PatchEntry]) -> dict[str, tuple[
     return {target: tuple(pairs) for target, pairs in contributions.items()}
 
 
+def stages_by_target(layers: Sequence[Iterable[PatchEntry]]) -> dict[str, Stages]:
+    """Per target weight, the non-empty stages of a sequence of patch sets (fused layers, then live)."""
+    stages: dict[str, list[tuple[Contribution, ...]]] = {}
+    for layer in layers:
+        for target, contributions in contributions_by_target(layer).items():
+            stages.setdefault(target, []).append(contributions)
+    return {target: tuple(layer) for target, layer in stages.items()}
+
+
 class PatchEngine:
     """Patches LoRAs into `components` ({"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel}).
 
     `source` (optional) re-reads untouched weights from the file the base was loaded from.
+    Several handles may share one engine: each brings the weights to its own (fused layers, patch
+    set) before use, and the engine re-computes only the weights that differ.
     """
 
     def __init__(self, components: Mapping[str, nn.Module], source: FileWeightSource | None = None) -> None:
         self.components = dict(components)
         self.source = source
         self.patch_set: PatchSet = ()
-        self._applied: dict[str, tuple[Contribution, ...]] = {}
-        self._fused: dict[str, list[tuple[Contribution, ...]]] = {}
+        self.fused_layers: tuple[PatchSet, ...] = ()
+        self._applied: dict[str, Stages] = {}
         self._backups: dict[str, torch.Tensor] = {}
         self._file_backed: set[str] = set()
         self._modules: dict[str, tuple[str, str, nn.Module]] = {}  # target -> (component, name, module)
 
     # ---- public operations -------------------------------------------------------------------
 
-    def apply(self, patch_set: Iterable[PatchEntry]) -> PatchStats:
-        """Bring the weights to exactly `patch_set`, touching only the weights whose patches change.
+    def apply(self, patch_set: Iterable[PatchEntry], fused_layers: Sequence[Iterable[PatchEntry]] = ()) -> PatchStats:
+        """Bring the weights to exactly `fused_layers` + `patch_set`, touching only weights that change.
 
+        `fused_layers` are patch sets made part of the base (FuseLoRA), oldest first: each is added
+        and rounded to the weight's dtype in turn, as if saved and re-loaded.
         Transactional: everything is checked before any weight changes, and if writing fails half
         way the weights already written are recomputed back, so the model is bitwise unchanged.
         """
         patch_set = tuple(patch_set)
-        for entry in patch_set:
+        fused_layers = tuple(tuple(layer) for layer in fused_layers)
+        for entry in (e for layer in (*fused_layers, patch_set) for e in layer):
             for strength in (entry.strength_unet, entry.strength_text_encoder):
                 if not math.isfinite(strength):
                     raise PatchError(f"LoRA '{entry.lora.name}': strength {strength} is not finite")
-        desired = contributions_by_target(patch_set)
+        desired = stages_by_target((*fused_layers, patch_set))
         touched = desired.keys() | self._applied.keys()
         changed = sorted(t for t in touched if desired.get(t, ()) != self._applied.get(t, ()))
-        self._check(changed, desired, patch_set)
+        self._check(changed, desired, (*fused_layers, patch_set))
 
         stats = PatchStats(weights_unchanged=len(touched) - len(changed))
         previous = dict(self._applied)
@@ -115,19 +133,12 @@ class PatchEngine:
                 self._write(target, previous.get(target, ()), PatchStats())
             raise
         stats.weights_written = len(written)
-        self.patch_set = patch_set
+        self.patch_set, self.fused_layers = patch_set, fused_layers
         return stats
 
     def restore(self) -> PatchStats:
         """Put every patched weight back to its base value, bit for bit."""
         return self.apply(())
-
-    def fuse(self) -> None:
-        """Make the current patch set part of the base (the weights themselves stay as they are)."""
-        for target, contributions in self._applied.items():
-            self._fused.setdefault(target, []).append(contributions)
-        self._applied = {}
-        self.patch_set = ()
 
     @property
     def restore_overhead_bytes(self) -> int:
@@ -163,41 +174,51 @@ class PatchEngine:
             raise PatchError(f"target {target}: module '{module_path}' has no weight")
         return component, f"{module_path}.weight", module
 
-    def _check(self, targets: list[str], desired: Mapping[str, tuple[Contribution, ...]], patch_set: PatchSet) -> None:
+    def _check(self, targets: list[str], desired: Mapping[str, Stages], layers: Sequence[PatchSet]) -> None:
         for target in targets:
             _, _, weight = self.parameter(target)
-            for adapter, _strength in desired.get(target, ()):
+            for adapter, _strength in (pair for stage in desired.get(target, ()) for pair in stage):
                 try:
                     adapter.check(weight.shape)
                 except AdapterError as error:
-                    name = next(e.lora.name for e in patch_set if adapter in e.lora.adapters.values())
+                    entries = (e for layer in layers for e in layer)
+                    name = next(e.lora.name for e in entries if adapter in e.lora.adapters.values())
                     raise PatchError(f"LoRA '{name}' does not fit {target}: {error}") from None
 
-    def _write(self, target: str, contributions: tuple[Contribution, ...], stats: PatchStats) -> None:
+    def _write(self, target: str, stages: Stages, stats: PatchStats) -> None:
         component, name, weight = self.parameter(target)
         base = self._base_weight(target, component, name, weight, stats)
         try:
-            if contributions:
-                write_patched(weight, base, contributions)
-            elif base is not weight:
-                with torch.no_grad():
-                    weight.copy_(base)
+            self._compute_into(weight, base, stages)
         except BaseException as error:
             # The weight may be half written: put back what it held, from the remembered base.
-            previous = self._applied.get(target, ())
-            write_patched(weight, self._stored_base(target, component, name, weight), previous)
+            self._compute_into(
+                weight, self._stored_base(target, component, name, weight), self._applied.get(target, ())
+            )
             if isinstance(error, OverflowError):
                 raise PatchError(f"{target}: {error}") from None
             raise
-        if contributions:
-            self._applied[target] = contributions
+        if stages:
+            self._applied[target] = stages
         else:
             self._applied.pop(target, None)
+
+    @staticmethod
+    def _compute_into(weight: torch.Tensor, base: torch.Tensor, stages: Stages) -> None:
+        """weight ← base with each stage added and rounded in turn (`base` may be `weight` itself)."""
+        if not stages:
+            if base is not weight:
+                with torch.no_grad():
+                    weight.copy_(base)
+            return
+        for stage in stages[:-1]:
+            base = patched_weight(base, stage)
+        write_patched(weight, base, stages[-1])
 
     def _base_weight(
         self, target: str, component: str, name: str, weight: torch.Tensor, stats: PatchStats
     ) -> torch.Tensor:
-        """W0 of `target` (the base, including anything fused), in the live weight's dtype/device."""
+        """W0 of `target` (the untouched base), in the live weight's dtype/device."""
         if target not in self._applied:
             # The live weight *is* the base right now: make sure it can be recovered later.
             self._remember(target, component, name, weight, stats)
@@ -205,14 +226,10 @@ class PatchEngine:
         return self._stored_base(target, component, name, weight)
 
     def _stored_base(self, target: str, component: str, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """W0 as remembered (file or copy) with any fused layers on top — never the live weight."""
+        """W0 as remembered (re-read from the file, or the copy) — never the live weight."""
         if target in self._file_backed:
-            base = self.source.read(component, name, weight)
-        else:
-            base = self._backups[target]
-        for layer in self._fused.get(target, ()):
-            base = patched_weight(base, layer)
-        return base
+            return self.source.read(component, name, weight)
+        return self._backups[target]
 
     def _remember(self, target: str, component: str, name: str, weight: torch.Tensor, stats: PatchStats) -> None:
         if target in self._file_backed or target in self._backups:

@@ -190,18 +190,29 @@ def test_fp16_overflow_is_refused_and_model_unchanged():
     assert_bitwise_equal(model, original)
 
 
-def test_fuse_makes_the_patch_set_the_new_base():
+def test_fused_layers_are_a_base_rounded_like_a_saved_checkpoint():
     model = fresh_tiny(torch.bfloat16)
     a, b = make_lora(model, seed=14), make_lora(model, seed=15, scope="attention")
     engine = engine_for(model)
     engine.apply([PatchEntry(a, 0.9, 0.4)])
     fused = state_of(model)
-    engine.fuse()
-    assert engine.patch_set == () and engine.patched_targets == []
-    engine.apply([PatchEntry(b, 1.0, 1.0)])
-    engine.apply([PatchEntry(b, 0.5, 2.0)])
-    engine.restore()
+    engine.apply([PatchEntry(b, 1.0, 1.0)], fused_layers=[[PatchEntry(a, 0.9, 0.4)]])
+    engine.apply([PatchEntry(b, 0.5, 2.0)], fused_layers=[[PatchEntry(a, 0.9, 0.4)]])
+    on_top = state_of(model)
+    engine.apply([], fused_layers=[[PatchEntry(a, 0.9, 0.4)]])
     assert_bitwise_equal(model, fused)
+
+    # Same as patching a checkpoint that was saved with `a` merged in (two roundings, not one).
+    saved = fresh_tiny(torch.bfloat16)
+    engine_for(saved).apply([PatchEntry(a, 0.9, 0.4)])
+    merged = fresh_tiny(torch.bfloat16)
+    for name in ("unet", "text_encoder"):
+        getattr(merged, name).load_state_dict(getattr(saved, name).state_dict())
+    engine_for(merged).apply([PatchEntry(b, 0.5, 2.0)])
+    assert_bitwise_equal(merged, on_top)
+
+    engine.restore()
+    assert_bitwise_equal(model, state_of(fresh_tiny(torch.bfloat16)))
 
 
 def test_restore_without_a_file_keeps_copies_only_of_patched_weights():
