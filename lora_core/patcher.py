@@ -136,6 +136,12 @@ class PatchEngine:
         self.patch_set, self.fused_layers = patch_set, fused_layers
         return stats
 
+    def check(self, patch_set: Iterable[PatchEntry]) -> None:
+        """Raise PatchError if any LoRA in `patch_set` does not fit this model; changes nothing."""
+        patch_set = tuple(patch_set)
+        desired = stages_by_target([patch_set])
+        self._check(sorted(desired), desired, [patch_set])
+
     def restore(self) -> PatchStats:
         """Put every patched weight back to its base value, bit for bit."""
         return self.apply(())

@@ -24,6 +24,26 @@ def _host_folder_paths():
     return folder_paths
 
 
+def in_host() -> bool:
+    """True when running inside ComfyUI (its `folder_paths` module is importable)."""
+    return _host_folder_paths() is not None
+
+
+def save_path(kind: str, name: str) -> Path:
+    """Where a new file of a model kind goes: the kind's first folder in the host, else the models dir."""
+    host = _host_folder_paths()
+    root = Path(host.get_folder_paths(kind)[0]) if host is not None else _models_dir / kind
+    path = (root / name).resolve()
+    if root.resolve() not in path.parents:
+        raise ValueError(f"{name!r} leaves the {kind} folder")
+    return path
+
+
+def folder_of(kind: str) -> str:
+    host = _host_folder_paths()
+    return ", ".join(host.get_folder_paths(kind)) if host is not None else str(_models_dir / kind)
+
+
 def list_models(kind: str) -> list[str]:
     """File names (relative paths) in a model folder kind: "checkpoints" or "loras"."""
     host = _host_folder_paths()

@@ -1,0 +1,185 @@
+"""SD_BASE: a cheap handle on one shared, patchable SD1.5 model.
+
+A handle is (shared model, fused layers, patch set). Applying or fusing a LoRA makes a new handle and
+touches no weight; the Sampler brings the shared weights to its handle's state right before use, so
+branches from one base stay correct and independent in any execution order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .lora import LoRA
+from .patcher import PatchEngine, PatchEntry, PatchSet, PatchStats
+from .sd15_models import SD15Components, build_components, config_dir, load_single_file, save_single_file
+from .weight_source import FileWeightSource
+
+BUILT_IN_TINY = "tiny-sd15 (built-in)"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class BaseLoadError(ValueError):
+    """A checkpoint could not be loaded (the message names the file)."""
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """The shared modules of one loaded checkpoint, and the engine that patches them."""
+
+    name: str
+    components: SD15Components
+    engine: PatchEngine
+    dtype: torch.dtype
+    device: torch.device
+    tokenizer_source: str | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def scheduler_config(self) -> dict:
+        return json.loads((config_dir("sd15") / "scheduler" / "scheduler_config.json").read_text())
+
+
+@dataclass(frozen=True, eq=False)
+class SDBase:
+    """A handle: the shared model plus the LoRAs this branch of the graph has applied and fused."""
+
+    model: LoadedModel
+    fused: tuple[PatchSet, ...] = ()
+    patches: PatchSet = ()
+
+    def with_lora(self, lora: LoRA, strength_unet: float, strength_text_encoder: float) -> SDBase:
+        entry = PatchEntry(lora, float(strength_unet), float(strength_text_encoder))
+        return dataclasses.replace(self, patches=(*self.patches, entry))
+
+    def fused_base(self) -> SDBase:
+        """The applied LoRAs become part of the base (rounded, as if saved and re-loaded)."""
+        if not self.patches:
+            return self
+        return dataclasses.replace(self, fused=(*self.fused, self.patches), patches=())
+
+    def activate(self) -> PatchStats:
+        """Bring the shared weights to this handle's state (only weights that differ are written)."""
+        with self.model.lock:
+            return self.model.engine.apply(self.patches, fused_layers=self.fused)
+
+    def save(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
+        """Write this handle's weights as a single-file SD1.5 checkpoint (original layout).
+
+        Written to a temporary name and renamed: a loaded base may be re-reading W0 from a file of
+        the same name, which must never be truncated under it.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.partial")
+        with self.model.lock:
+            self.activate()
+            save_single_file(self.model.components, temporary, dtype=dtype)
+        os.replace(temporary, path)
+        return path
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("LORA_LOOM_CACHE", Path.home() / ".cache" / "lora_loom"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def built_in_tiny_checkpoint() -> Path:
+    """The built-in tiny base as a checkpoint file (written once), so it loads like any user file."""
+    path = cache_dir() / f"tiny-sd15-seed0-torch{torch.__version__.split('+')[0]}.safetensors"
+    if not path.is_file():
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        save_single_file(build_components("tiny-sd15", seed=0), temporary)
+        os.replace(temporary, path)
+    return path
+
+
+def _file_dtype(path: Path) -> torch.dtype:
+    """The precision a checkpoint's U-Net is stored in ("auto" dtype)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        key = next((k for k in f.keys() if k.startswith("model.diffusion_model.")), None)
+        if key is None:
+            raise BaseLoadError(f"{path}: no U-Net tensors (model.diffusion_model.*): not an SD1.5 checkpoint")
+        stored = f.get_slice(key).get_dtype()
+    return {"F16": torch.float16, "BF16": torch.bfloat16}.get(stored, torch.float32)
+
+
+def _ckpt_as_safetensors(path: Path) -> Path:
+    """A `.ckpt`/`.pt` checkpoint, read with safe unpickling only, re-written once as safetensors."""
+    from safetensors.torch import save_file
+
+    stat = path.stat()
+    cached = cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}.safetensors"
+    if not cached.is_file():
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise BaseLoadError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+        state = data.get("state_dict", data) if isinstance(data, dict) else None
+        if not isinstance(state, dict):
+            raise BaseLoadError(f"{path}: holds no state dict")
+        tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        temporary = cached.with_name(f".{cached.name}.partial")
+        save_file(tensors, str(temporary))
+        os.replace(temporary, cached)
+    return cached
+
+
+def load_base(
+    name_or_path: str | os.PathLike, *, dtype: str = "auto", device: str | torch.device | None = None
+) -> SDBase:
+    """Load an SD1.5 base: the built-in tiny one, a single-file checkpoint, or a diffusers folder."""
+    if dtype != "auto" and dtype not in DTYPES:
+        raise BaseLoadError(f"dtype must be auto, fp32, fp16 or bf16, not {dtype!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    path = built_in_tiny_checkpoint() if str(name_or_path) == BUILT_IN_TINY else Path(name_or_path)
+    if not path.exists():
+        raise BaseLoadError(f"{path}: no such checkpoint")
+    if path.is_dir():
+        return _load_diffusers_folder(path, dtype, device)
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        path = _ckpt_as_safetensors(path)
+    try:
+        torch_dtype = DTYPES[dtype] if dtype != "auto" else _file_dtype(path)
+        components, key_map = load_single_file(path, dtype=torch_dtype, device=device)
+    except BaseLoadError:
+        raise
+    except Exception as error:
+        raise BaseLoadError(f"{path}: {error}") from None
+    engine = PatchEngine(
+        {"unet": components.unet, "text_encoder": components.text_encoder}, FileWeightSource(path, key_map)
+    )
+    model = LoadedModel(str(name_or_path), components, engine, torch_dtype, device)
+    return SDBase(model)
+
+
+def _load_diffusers_folder(folder: Path, dtype: str, device: torch.device) -> SDBase:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch_dtype = DTYPES.get(dtype)
+    try:
+        options = {"local_files_only": True, "torch_dtype": torch_dtype} if torch_dtype else {"local_files_only": True}
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **options)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **options)
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **options)
+    except Exception as error:
+        raise BaseLoadError(f"{folder}: not a loadable diffusers SD1.5 folder ({error})") from None
+    components = SD15Components(unet=unet, vae=vae, text_encoder=text_encoder)
+    for _, module in components.items():
+        torch.nn.Module.to(module, device=device)
+        module.eval()
+    # No single file backs these weights: the engine keeps a copy of each weight it patches.
+    engine = PatchEngine({"unet": unet, "text_encoder": text_encoder})
+    tokenizer_source = str(folder) if (folder / "tokenizer" / "vocab.json").is_file() else None
+    model = LoadedModel(str(folder), components, engine, unet.dtype, device, tokenizer_source)
+    return SDBase(model)

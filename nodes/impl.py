@@ -1,0 +1,90 @@
+"""What each node does: thin calls into lora_core. Inputs arrive by the names in `contract.py`."""
+
+from __future__ import annotations
+
+from .paths import BUILT_IN_BASES, folder_of, in_host, model_path, save_path
+from .progress import step_progress
+
+
+def _device():
+    if in_host():
+        import comfy.model_management  # only inside ComfyUI
+
+        return comfy.model_management.get_torch_device()
+    return None  # lora_core picks cuda when available, else cpu
+
+
+def load_base(ckpt_name: str, dtype: str = "auto"):
+    from ..lora_core.sd_base import load_base as core_load_base
+
+    if ckpt_name in BUILT_IN_BASES:
+        source = ckpt_name
+    else:
+        source = model_path("checkpoints", ckpt_name)
+        if source is None:
+            raise FileNotFoundError(f"LoadBase: checkpoint {ckpt_name!r} not found in {folder_of('checkpoints')}")
+    return (core_load_base(source, dtype=dtype, device=_device()),)
+
+
+def load_lora(lora_name: str):
+    from ..lora_core.formats import load_lora as core_load_lora
+
+    path = model_path("loras", lora_name)
+    if path is None:
+        raise FileNotFoundError(f"LoadLoRA: LoRA {lora_name!r} not found in {folder_of('loras')}")
+    lora = core_load_lora(path, name=lora_name)
+    summary = lora.report.summary()
+    print(f"[LoRA Loom] {summary}")
+    return {"ui": {"text": [summary]}, "result": (lora,)}
+
+
+def apply_lora(base, lora, strength_unet: float = 1.0, strength_text_encoder: float = 1.0):
+    applied = base.with_lora(lora, strength_unet, strength_text_encoder)
+    applied.model.engine.check(applied.patches[-1:])  # wrong architecture fails here, at this node
+    return (applied,)
+
+
+def fuse_lora(base, save_name: str = "", save_fp16: bool = False):
+    import torch
+
+    fused = base.fused_base()
+    if not save_name.strip():
+        return (fused,)
+    name = save_name.strip()
+    if not name.endswith(".safetensors"):
+        name += ".safetensors"
+    path = fused.save(save_path("checkpoints", name), dtype=torch.float16 if save_fp16 else None)
+    return {"ui": {"text": [f"saved {path}"]}, "result": (fused,)}
+
+
+def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, scheduler, width, height, batch_size):
+    from ..lora_core.sampling import sample
+
+    update, close = step_progress(steps, "Sampler")
+    try:
+        result = sample(
+            base,
+            prompt,
+            negative_prompt,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            width=width,
+            height=height,
+            batch_size=batch_size,
+            progress=update,
+        )
+    finally:
+        close()
+    return (result.images, {"samples": result.latents})
+
+
+IMPLEMENTATIONS = {
+    "LoadBase": load_base,
+    "LoadLoRA": load_lora,
+    "ApplyLoRA": apply_lora,
+    "FuseLoRA": fuse_lora,
+    "Sampler": sampler,
+}

@@ -1,0 +1,25 @@
+"""Step progress: ComfyUI's ProgressBar inside the host (its update is also the interrupt point), tqdm headless."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .paths import in_host
+
+
+def step_progress(total: int, description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """(update(done, total), close()) for a loop of `total` steps."""
+    if in_host():
+        import comfy.utils  # only inside ComfyUI
+
+        bar = comfy.utils.ProgressBar(total)
+        return (lambda done, _total: bar.update_absolute(done, total)), (lambda: None)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=description, leave=False)
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    return update, bar.close

@@ -1,0 +1,40 @@
+"""ComfyUI V1 node classes, generated from the schemas in `contract.py` (one source of truth)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .contract import NODES
+from .impl import IMPLEMENTATIONS
+from .schema import NodeSchema, v1_input_types
+
+
+def v1_class(schema: NodeSchema, function: Callable) -> type:
+    """A classic ComfyUI node class whose `execute(**inputs)` calls `function`."""
+
+    def input_types(cls) -> dict:
+        return v1_input_types(schema)
+
+    def execute(self, **inputs):
+        return function(**inputs)
+
+    return type(
+        schema.node_id,
+        (),
+        {
+            "INPUT_TYPES": classmethod(input_types),
+            "RETURN_TYPES": tuple(o.type for o in schema.outputs),
+            "RETURN_NAMES": tuple(o.name for o in schema.outputs),
+            "OUTPUT_TOOLTIPS": tuple(o.tooltip for o in schema.outputs),
+            "FUNCTION": "execute",
+            "CATEGORY": schema.category,
+            "DESCRIPTION": schema.description,
+            "OUTPUT_NODE": schema.output_node,
+            "SCHEMA": schema,
+            "execute": execute,
+        },
+    )
+
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {s.node_id: v1_class(s, IMPLEMENTATIONS[s.node_id]) for s in NODES}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {s.node_id: s.display_name for s in NODES}

@@ -1,0 +1,156 @@
+"""The nodes end to end on the built-in tiny base: pixels vs diffusers, branches, fuse/save, errors."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lora_loom.lora_core.sd15_models import config_dir
+from lora_loom.lora_core.sd_base import BUILT_IN_TINY, built_in_tiny_checkpoint
+from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.nodes import impl, paths
+
+SMALL = {"steps": 3, "cfg": 5.0, "width": 64, "height": 64, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    (root / "checkpoints").mkdir()
+    (root / "loras").mkdir()
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    parts = {"unet": base.model.components.unet, "text_encoder": base.model.components.text_encoder}
+    for seed, scope in ((1, "all"), (2, "attention")):
+        state = random_kohya_lora(parts, kohya_targets(scope), rank=4, alpha=4, seed=seed, scale=0.3)
+        save_file(state, str(root / "loras" / f"style{seed}.safetensors"))
+    paths.set_models_dir(root)
+    return root
+
+
+def run_sampler(base, prompt="a red circle", seed=7, **overrides):
+    settings = {**SMALL, "sampler_name": "euler", "scheduler": "normal", **overrides}
+    return impl.sampler(base, prompt, "blurry", seed, **settings)
+
+
+def test_same_inputs_same_pixels_and_loras_change_them(models):
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    style = impl.load_lora("style1.safetensors")["result"][0]
+    plain = run_sampler(base)[0]
+    assert plain.shape == (2, 64, 64, 3) and plain.dtype == torch.float32
+    assert 0.0 <= plain.min() and plain.max() <= 1.0
+    assert torch.equal(plain, run_sampler(base)[0])
+    styled = run_sampler(impl.apply_lora(base, style, 1.0, 1.0)[0])[0]
+    assert (styled - plain).abs().max() > 1e-2
+    assert torch.equal(run_sampler(impl.apply_lora(base, style, 0.0, 0.0)[0])[0], plain)
+
+
+@pytest.mark.parametrize("sampler_name", ["euler", "euler_ancestral", "heun", "ddim", "dpmpp_2m", "lms"])
+def test_pixels_match_diffusers_pipeline(models, sampler_name):
+    """Independent reference: diffusers loads the same file itself and runs its own pipeline."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from lora_loom.lora_core.sampling import make_scheduler
+    from lora_loom.lora_core.sd15_models import load_single_file
+    from lora_loom.lora_core.tokenizer import load_clip_tokenizer
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    schedule = "normal" if sampler_name in ("ddim", "euler_ancestral") else "karras"
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    ours = run_sampler(base, sampler_name=sampler_name, scheduler=schedule)[0].numpy()
+
+    path, folder = built_in_tiny_checkpoint(), config_dir("tiny-sd15")
+    unet = UNet2DConditionModel.from_single_file(path, config=str(folder), subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_single_file(path, config=str(folder), subfolder="vae", local_files_only=True)
+    text_encoder = CLIPTextModel(load_single_file(path)[0].text_encoder.config)  # transformers' own class
+    text_encoder.load_state_dict(load_single_file(path)[0].text_encoder.state_dict())
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=load_clip_tokenizer(),
+        unet=unet,
+        scheduler=make_scheduler(sampler_name, schedule, base.model.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference = pipe(
+        "a red circle",
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        width=64,
+        height=64,
+        num_images_per_prompt=2,
+        generator=torch.Generator("cpu").manual_seed(7),
+        output_type="np",
+    ).images
+    assert np.abs(ours - reference).max() <= 1e-3
+
+
+def test_branches_are_independent_in_any_order(models):
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    one = impl.load_lora("style1.safetensors")["result"][0]
+    two = impl.load_lora("style2.safetensors")["result"][0]
+    left = impl.apply_lora(base, one, 0.8, 0.5)[0]
+    right = impl.apply_lora(impl.apply_lora(base, two, 1.0, 1.0)[0], one, -0.5, 0.0)[0]
+
+    alone_left = run_sampler(left)[0]
+    alone_right = run_sampler(
+        impl.apply_lora(impl.apply_lora(impl.load_base(BUILT_IN_TINY)[0], two, 1.0, 1.0)[0], one, -0.5, 0.0)[0]
+    )[0]
+    assert torch.equal(run_sampler(right)[0], alone_right)
+    assert torch.equal(run_sampler(left)[0], alone_left)
+    assert torch.equal(run_sampler(base)[0], run_sampler(impl.load_base(BUILT_IN_TINY)[0])[0])
+
+
+def test_fuse_and_save_reads_back_identically(models):
+    from diffusers import UNet2DConditionModel
+
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    style = impl.load_lora("style1.safetensors")["result"][0]
+    out = impl.fuse_lora(impl.apply_lora(base, style, 0.7, 0.3)[0], "fused-test", save_fp16=False)
+    fused = out["result"][0]
+    saved = models / "checkpoints" / "fused-test.safetensors"
+    assert saved.is_file() and "saved" in out["ui"]["text"][0]
+    assert fused.patches == () and len(fused.fused) == 1
+
+    reloaded = impl.load_base("fused-test.safetensors")[0]
+    fused.activate()
+    for name in ("unet", "text_encoder", "vae"):
+        ours, theirs = (getattr(b.model.components, name).state_dict() for b in (fused, reloaded))
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    diffusers_unet = UNet2DConditionModel.from_single_file(
+        saved, config=str(config_dir("tiny-sd15")), subfolder="unet", local_files_only=True
+    )
+    fused_unet = fused.model.components.unet.state_dict()
+    assert all(torch.equal(v, fused_unet[k]) for k, v in diffusers_unet.state_dict().items())
+    # downstream of the fuse, more LoRAs stack on the fused base; upstream is untouched
+    assert torch.equal(run_sampler(fused)[0], run_sampler(reloaded)[0])
+
+    impl.fuse_lora(impl.apply_lora(base, style, 0.7, 0.3)[0], "fused-half", save_fp16=True)
+    half = impl.load_base("fused-half.safetensors")[0]  # dtype "auto" = the file's precision
+    assert half.model.dtype == torch.float16
+    fused_half = {k: v.half() for k, v in fused.model.components.unet.state_dict().items()}
+    assert all(torch.equal(v, fused_half[k]) for k, v in half.model.components.unet.state_dict().items())
+
+
+def test_errors_name_the_node_and_leave_the_model_alone(models, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"LoadBase: checkpoint 'missing.safetensors' not found"):
+        impl.load_base("missing.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"LoadLoRA: LoRA 'missing.safetensors' not found"):
+        impl.load_lora("missing.safetensors")
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    before = {k: v.clone() for k, v in base.model.components.unet.state_dict().items()}
+    alien = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 999),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(32, 4),
+    }
+    save_file(alien, str(models / "loras" / "alien.safetensors"))
+    lora = impl.load_lora("alien.safetensors")["result"][0]
+    with pytest.raises(Exception, match=r"LoRA 'alien.safetensors' does not fit unet\.down_blocks\.0"):
+        impl.apply_lora(base, lora, 1.0, 1.0)
+    after = base.model.components.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
