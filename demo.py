@@ -25,26 +25,29 @@ def _step(label: str, started: float) -> float:
     return time.perf_counter()
 
 
-def run_demo(models_dir: Path) -> dict:
-    """Run the demo; returns the figures it printed (and raises if any check fails)."""
+DEMO_LORAS = {"demo-all.safetensors": ("all", 8, 4.0, 1), "demo-attention.safetensors": ("attention", 4, None, 2)}
+
+
+def write_demo_files(models_dir: Path) -> Path:
+    """The tiny base as a checkpoint and the demo kohya LoRAs the shipped workflows use."""
     checkpoint = models_dir / "checkpoints" / "tiny-sd15.safetensors"
     loras = models_dir / "loras"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     loras.mkdir(parents=True, exist_ok=True)
-
-    print(f"LoRA Loom demo — files in {models_dir}/", flush=True)
-    t = time.perf_counter()
     seed_model = build_components("tiny-sd15", seed=0)
     save_single_file(seed_model, checkpoint)
     parts = {"unet": seed_model.unet, "text_encoder": seed_model.text_encoder}
-    save_file(
-        random_kohya_lora(parts, kohya_targets("all"), rank=8, alpha=4, seed=1),
-        loras / "demo-all.safetensors",
-    )
-    save_file(
-        random_kohya_lora(parts, kohya_targets("attention"), rank=4, seed=2),
-        loras / "demo-attention.safetensors",
-    )
+    for name, (scope, rank, alpha, seed) in DEMO_LORAS.items():
+        save_file(random_kohya_lora(parts, kohya_targets(scope), rank=rank, alpha=alpha, seed=seed), loras / name)
+    return checkpoint
+
+
+def run_demo(models_dir: Path) -> dict:
+    """Run the demo; returns the figures it printed (and raises if any check fails)."""
+    print(f"LoRA Loom demo — files in {models_dir}/", flush=True)
+    t = time.perf_counter()
+    checkpoint = write_demo_files(models_dir)
+    loras = models_dir / "loras"
     t = _step("wrote tiny base + two kohya LoRAs", t)
 
     model, key_map = load_single_file(checkpoint)

@@ -81,6 +81,22 @@ def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, sched
     return (result.images, {"samples": result.latents})
 
 
+def file_fingerprint(kind: str, name: str) -> str:
+    """IS_CHANGED for loaders: a file replaced under the same name is loaded again."""
+    if name in BUILT_IN_BASES:
+        return name
+    path = model_path(kind, name)
+    if path is None:
+        return "missing"
+    stat = path.stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+CHANGE_CHECKS = {
+    "LoadBase": lambda ckpt_name, dtype="auto", **_: file_fingerprint("checkpoints", ckpt_name),
+    "LoadLoRA": lambda lora_name, **_: file_fingerprint("loras", lora_name),
+}
+
 IMPLEMENTATIONS = {
     "LoadBase": load_base,
     "LoadLoRA": load_lora,

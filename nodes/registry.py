@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .contract import NODES
-from .impl import IMPLEMENTATIONS
+from .impl import CHANGE_CHECKS, IMPLEMENTATIONS
 from .schema import NodeSchema, v1_input_types
 
 
-def v1_class(schema: NodeSchema, function: Callable) -> type:
+def v1_class(schema: NodeSchema, function: Callable, changed: Callable | None = None) -> type:
     """A classic ComfyUI node class whose `execute(**inputs)` calls `function`."""
 
     def input_types(cls) -> dict:
@@ -18,10 +18,14 @@ def v1_class(schema: NodeSchema, function: Callable) -> type:
     def execute(self, **inputs):
         return function(**inputs)
 
+    attributes = {}
+    if changed is not None:
+        attributes["IS_CHANGED"] = classmethod(lambda cls, **inputs: changed(**inputs))
     return type(
         schema.node_id,
         (),
         {
+            **attributes,
             "INPUT_TYPES": classmethod(input_types),
             "RETURN_TYPES": tuple(o.type for o in schema.outputs),
             "RETURN_NAMES": tuple(o.name for o in schema.outputs),
@@ -36,5 +40,7 @@ def v1_class(schema: NodeSchema, function: Callable) -> type:
     )
 
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {s.node_id: v1_class(s, IMPLEMENTATIONS[s.node_id]) for s in NODES}
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    s.node_id: v1_class(s, IMPLEMENTATIONS[s.node_id], CHANGE_CHECKS.get(s.node_id)) for s in NODES
+}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {s.node_id: s.display_name for s in NODES}
