@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers warns about optional image processors (torchvision) we never use; keep the CLI quiet.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "run":  # the runner parses its own options
         from .runner.cli import main as run_main
