@@ -22,7 +22,9 @@ ProgressCallback = Callable[[int, int], None]  # (steps done, total); may raise 
 @dataclass
 class SampleResult:
     images: torch.Tensor  # [B, H, W, 3] float32 in 0..1, on the CPU (ComfyUI's IMAGE)
-    latents: torch.Tensor  # [B, 4, H/8, W/8] float32, on the CPU (ComfyUI's LATENT["samples"])
+    # [B, 4, H/8, W/8] float32 on the CPU, in the VAE's own scale (not × scaling_factor): ComfyUI's
+    # LATENT["samples"], which its VAEDecode decodes as is.
+    latents: torch.Tensor
 
 
 def make_scheduler(sampler_name: str, schedule: str, config: dict):
@@ -113,6 +115,7 @@ def sample(
             callback_on_step_end=on_step_end,
         ).images
         vae = model.components.vae
-        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        unscaled = latents.to(vae.dtype) / vae.config.scaling_factor
+        decoded = vae.decode(unscaled).sample
         images = (decoded.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().contiguous()
-    return SampleResult(images=images, latents=latents.float().cpu())
+    return SampleResult(images=images, latents=unscaled.float().cpu())

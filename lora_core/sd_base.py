@@ -81,6 +81,9 @@ class SDBase:
         with self.model.lock:
             self.activate()
             save_single_file(self.model.components, temporary, dtype=dtype)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # safetensors writes 0600; a checkpoint is a shared file
         os.replace(temporary, path)
         return path
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from .paths import BUILT_IN_BASES, folder_of, in_host, model_path, save_path
 from .progress import step_progress
+
+log = logging.getLogger("lora_loom")
 
 
 def _device():
@@ -33,8 +37,9 @@ def load_lora(lora_name: str):
     if path is None:
         raise FileNotFoundError(f"LoadLoRA: LoRA {lora_name!r} not found in {folder_of('loras')}")
     lora = core_load_lora(path, name=lora_name)
+    lora.report.source = lora_name  # the report reaches the browser: no server paths in it
     summary = lora.report.summary()
-    print(f"[LoRA Loom] {summary}")
+    log.info("LoadLoRA: %s", summary)
     return {"ui": {"text": [summary]}, "result": (lora,)}
 
 
@@ -53,8 +58,9 @@ def fuse_lora(base, save_name: str = "", save_fp16: bool = False):
     name = save_name.strip()
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    path = fused.save(save_path("checkpoints", name), dtype=torch.float16 if save_fp16 else None)
-    return {"ui": {"text": [f"saved {path}"]}, "result": (fused,)}
+    fused.save(save_path("checkpoints", name), dtype=torch.float16 if save_fp16 else None)
+    log.info("FuseLoRA: saved %s", name)
+    return {"ui": {"text": [f"saved checkpoints/{name}"]}, "result": (fused,)}
 
 
 def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, scheduler, width, height, batch_size):

@@ -83,6 +83,10 @@ def _run(args: argparse.Namespace) -> int:
             problems.append(Problem(str(error)))
     problems += apply_overrides(workflow, overrides, schemas)
 
+    if args.no_progress:
+        from ..nodes.progress import show_headless_progress
+
+        show_headless_progress(False)
     runner = Runner(schemas, classes, progress=not args.no_progress, models_dir=args.models_dir)
     validation = runner.validate(workflow.prompt, workflow.hints)
     problems += validation.problems

@@ -114,7 +114,7 @@ def test_fuse_and_save_reads_back_identically(models):
     out = impl.fuse_lora(impl.apply_lora(base, style, 0.7, 0.3)[0], "fused-test", save_fp16=False)
     fused = out["result"][0]
     saved = models / "checkpoints" / "fused-test.safetensors"
-    assert saved.is_file() and "saved" in out["ui"]["text"][0]
+    assert saved.is_file() and out["ui"]["text"][0] == "saved checkpoints/fused-test.safetensors"
     assert fused.patches == () and len(fused.fused) == 1
 
     reloaded = impl.load_base("fused-test.safetensors")[0]
@@ -154,3 +154,14 @@ def test_errors_name_the_node_and_leave_the_model_alone(models, tmp_path):
         impl.apply_lora(base, lora, 1.0, 1.0)
     after = base.model.components.unet.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_latent_is_comfyui_scaled_and_decodes_to_the_image(models):
+    """ComfyUI's LATENT holds VAE-space latents (its VAEDecode applies no scaling factor)."""
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    image, latent = run_sampler(base)
+    vae = base.model.components.vae
+    with torch.no_grad():
+        decoded = (vae.decode(latent["samples"]).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert latent["samples"].shape == (2, 4, 8, 8)
+    torch.testing.assert_close(decoded, image, rtol=0, atol=1e-6)
