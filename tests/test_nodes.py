@@ -76,6 +76,7 @@ def test_pixels_match_diffusers_pipeline(models, sampler_name):
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.to(base.model.device)  # same device as ours (CPU here; CUDA on a GPU machine)
     reference = pipe(
         "a red circle",
         negative_prompt="blurry",
@@ -126,15 +127,15 @@ def test_fuse_and_save_reads_back_identically(models):
         saved, config=str(config_dir("tiny-sd15")), subfolder="unet", local_files_only=True
     )
     fused_unet = fused.model.components.unet.state_dict()
-    assert all(torch.equal(v, fused_unet[k]) for k, v in diffusers_unet.state_dict().items())
+    assert all(torch.equal(v, fused_unet[k].cpu()) for k, v in diffusers_unet.state_dict().items())
     # downstream of the fuse, more LoRAs stack on the fused base; upstream is untouched
     assert torch.equal(run_sampler(fused)[0], run_sampler(reloaded)[0])
 
     impl.fuse_lora(impl.apply_lora(base, style, 0.7, 0.3)[0], "fused-half", save_fp16=True)
     half = impl.load_base("fused-half.safetensors")[0]  # dtype "auto" = the file's precision
     assert half.model.dtype == torch.float16
-    fused_half = {k: v.half() for k, v in fused.model.components.unet.state_dict().items()}
-    assert all(torch.equal(v, fused_half[k]) for k, v in half.model.components.unet.state_dict().items())
+    fused_half = {k: v.half().cpu() for k, v in fused.model.components.unet.state_dict().items()}
+    assert all(torch.equal(v.cpu(), fused_half[k]) for k, v in half.model.components.unet.state_dict().items())
 
 
 def test_errors_name_the_node_and_leave_the_model_alone(models, tmp_path):
@@ -162,6 +163,24 @@ def test_latent_is_comfyui_scaled_and_decodes_to_the_image(models):
     image, latent = run_sampler(base)
     vae = base.model.components.vae
     with torch.no_grad():
-        decoded = (vae.decode(latent["samples"]).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        decoded = (vae.decode(latent["samples"].to(vae.device)).sample / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
     assert latent["samples"].shape == (2, 4, 8, 8)
-    torch.testing.assert_close(decoded, image, rtol=0, atol=1e-6)
+    torch.testing.assert_close(decoded.cpu(), image, rtol=0, atol=1e-6)
+
+
+def test_diffusers_folder_loads_to_the_same_weights(models, tmp_path):
+    """A diffusers-format folder (as `save_pretrained` writes it) loads through LoadBase too."""
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    folder = models / "checkpoints" / "tiny-diffusers"
+    components = base.model.components
+    components.unet.save_pretrained(folder / "unet")
+    components.vae.save_pretrained(folder / "vae")
+    components.text_encoder.save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text((config_dir("tiny-sd15") / "model_index.json").read_text())
+    assert "tiny-diffusers" in paths.checkpoint_choices()
+
+    loaded = impl.load_base("tiny-diffusers")[0]
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = (getattr(c, name).state_dict() for c in (components, loaded.model.components))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    assert torch.equal(run_sampler(loaded)[0], run_sampler(base)[0])
