@@ -184,3 +184,18 @@ def test_diffusers_folder_loads_to_the_same_weights(models, tmp_path):
         ours, theirs = (getattr(c, name).state_dict() for c in (components, loaded.model.components))
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
     assert torch.equal(run_sampler(loaded)[0], run_sampler(base)[0])
+
+
+def test_ckpt_checkpoints_load_with_safe_unpickling_only(models, tmp_path):
+    from lora_loom.lora_core.sd15_models import components_state_dict_ldm
+
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    state = {k: v.detach().cpu().clone() for k, v in components_state_dict_ldm(base.model.components).items()}
+    torch.save({"state_dict": state, "global_step": 1}, models / "checkpoints" / "tiny.ckpt")
+    loaded = impl.load_base("tiny.ckpt")[0]
+    theirs = loaded.model.components.unet.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in base.model.components.unet.state_dict().items())
+
+    torch.save({"state_dict": state, "callback": print}, models / "checkpoints" / "evil.ckpt")  # code in a pickle
+    with pytest.raises(Exception, match=r"evil\.ckpt: not a readable checkpoint"):
+        impl.load_base("evil.ckpt")
