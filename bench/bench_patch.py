@@ -813,12 +813,12 @@ def render_section(results: list[ScopeResult], extras: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(section: str) -> None:
-    """Replace (or append) our section of docs/benchmarks.md, keeping every other section."""
+def write_doc(section: str, heading: str = SECTION_HEADING) -> None:
+    """Replace (or append) the section under `heading` in docs/benchmarks.md, keeping every other section."""
     DOC.parent.mkdir(parents=True, exist_ok=True)
     text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_HEADING), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:

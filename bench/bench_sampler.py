@@ -61,6 +61,7 @@ from bench_patch import (  # noqa: E402
     rss_anon,
     settle_memory,
     timed,
+    write_doc,
 )
 
 from lora_loom.lora_core.formats import load_lora  # noqa: E402
@@ -764,24 +765,6 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 
 
-def write_doc(section: str) -> None:
-    """Replace (or append) our section of docs/benchmarks.md, keeping every other section."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_HEADING), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))),
-            len(lines),
-        )
-        after = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    DOC.write_text(new)
-
-
 def json_figures(res: Results, f: dict[str, Any], goals: dict[str, Any], extras: dict[str, Any]) -> dict[str, Any]:
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -858,7 +841,7 @@ def main(argv: list[str] | None = None) -> int:
         f = figures(res)
         goals = evaluate_goals(res, f)
         if not args.no_doc:
-            write_doc(render_section(res, f, goals, extras))
+            write_doc(render_section(res, f, goals, extras), SECTION_HEADING)
             progress(f"wrote {DOC.relative_to(REPO_ROOT)} from {args.from_json}")
         print(json.dumps(json_figures(res, f, goals, extras), sort_keys=False), flush=True)
         return 0
@@ -887,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, goal in goals.items():
         progress(f"goal {key}: {'met' if goal['met'] else 'NOT met'} ({goal['value']})")
     if not args.no_doc:
-        write_doc(render_section(res, f, goals, extras))
+        write_doc(render_section(res, f, goals, extras), SECTION_HEADING)
         progress(f"wrote {DOC.relative_to(REPO_ROOT)}")
     print(json.dumps(json_figures(res, f, goals, extras), sort_keys=False), flush=True)
     return 0
