@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .sd_base import SDBase
+if TYPE_CHECKING:  # keep this module light: the node contract imports the names below
+    from .sd_base import SDBase
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "ddim", "dpmpp_2m", "lms")
 SCHEDULES = ("normal", "karras")

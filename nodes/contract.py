@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from ..lora_core.sampling import SAMPLERS, SCHEDULES
 from .paths import checkpoint_choices, lora_choices
 from .schema import Input, NodeSchema, Output
 
 CATEGORY = "LoRA Loom"
-SAMPLERS = ("euler", "euler_ancestral", "heun", "ddim", "dpmpp_2m", "lms")
-SCHEDULERS = ("normal", "karras")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 STRENGTH = {"type": "FLOAT", "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
 
@@ -78,7 +77,7 @@ SAMPLER = NodeSchema(
         Input("steps", "INT", default=20, min=1, max=10000),
         Input("cfg", "FLOAT", default=7.0, min=0.0, max=100.0, step=0.1),
         Input("sampler_name", "COMBO", default="euler", options=SAMPLERS),
-        Input("scheduler", "COMBO", default="normal", options=SCHEDULERS),
+        Input("scheduler", "COMBO", default="normal", options=SCHEDULES),
         Input("width", "INT", default=512, min=64, max=8192, step=8),
         Input("height", "INT", default=512, min=64, max=8192, step=8),
         Input("batch_size", "INT", default=1, min=1, max=64),

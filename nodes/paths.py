@@ -72,11 +72,6 @@ def model_path(kind: str, name: str) -> Path | None:
     return path if path.exists() else None
 
 
-def output_dir() -> Path:
-    host = _host_folder_paths()
-    return Path(host.get_output_directory()) if host is not None else Path("output")
-
-
 def checkpoint_choices() -> list[str]:
     return list(BUILT_IN_BASES) + list_models("checkpoints")
 
