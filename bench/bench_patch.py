@@ -390,19 +390,10 @@ class DiffusersRunner:
     def __init__(
         self, checkpoint: Path, adapter_name: str, targets: list[str], dtype: torch.dtype | None = None
     ) -> None:
-        from diffusers import StableDiffusionPipeline
+        from lora_loom.lora_core.sampling import diffusers_pipeline
 
         components, _ = load_single_file(checkpoint, dtype=dtype)
-        self.pipe = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=None,
-            unet=components.unet,
-            scheduler=None,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        self.pipe = diffusers_pipeline(components)  # no tokenizer needed for LoRA loading
         self.parts = {"unet": components.unet, "text_encoder": components.text_encoder}
         self.adapter_name = adapter_name
         self.loaded = False

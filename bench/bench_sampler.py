@@ -65,7 +65,7 @@ from bench_patch import (  # noqa: E402
 )
 
 from lora_loom.lora_core.formats import load_lora  # noqa: E402
-from lora_loom.lora_core.sampling import make_scheduler, sample  # noqa: E402
+from lora_loom.lora_core.sampling import diffusers_pipeline, make_scheduler, sample  # noqa: E402
 from lora_loom.lora_core.sd15_models import load_single_file  # noqa: E402
 from lora_loom.lora_core.sd_base import SDBase, load_base  # noqa: E402
 from lora_loom.lora_core.tokenizer import load_clip_tokenizer  # noqa: E402
@@ -190,20 +190,9 @@ class Diffusers:
     """diffusers' StableDiffusionPipeline on a second load of the same checkpoint (same components)."""
 
     def __init__(self, scheduler_config: dict) -> None:
-        from diffusers import StableDiffusionPipeline
-
         components, _ = load_single_file(CHECKPOINT)
-        self.pipe = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=load_clip_tokenizer(),
-            unet=components.unet,
-            scheduler=make_scheduler(SAMPLER, SCHEDULE, scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        self.pipe.set_progress_bar_config(disable=True)
+        scheduler = make_scheduler(SAMPLER, SCHEDULE, scheduler_config)
+        self.pipe = diffusers_pipeline(components, load_clip_tokenizer(), scheduler)
         self.loaded = False
         self.fused = False
 

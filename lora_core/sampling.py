@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # keep this module light: the node contract imports the names below
+    from .sd15_models import SD15Components
     from .sd_base import SDBase
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "ddim", "dpmpp_2m", "lms")
@@ -55,18 +56,15 @@ def make_scheduler(sampler_name: str, schedule: str, config: dict):
     return classes[sampler_name].from_config(config, **options)
 
 
-def pipeline_for(base: SDBase, scheduler):
-    """A diffusers StableDiffusionPipeline over the handle's shared modules (no copies)."""
+def diffusers_pipeline(components: SD15Components, tokenizer=None, scheduler=None):
+    """A diffusers StableDiffusionPipeline over these modules (no copies, no safety checker)."""
     from diffusers import StableDiffusionPipeline
 
-    from .tokenizer import load_clip_tokenizer
-
-    model = base.model
     pipe = StableDiffusionPipeline(
-        vae=model.components.vae,
-        text_encoder=model.components.text_encoder,
-        tokenizer=load_clip_tokenizer(model.tokenizer_source),
-        unet=model.components.unet,
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=tokenizer,
+        unet=components.unet,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -74,6 +72,14 @@ def pipeline_for(base: SDBase, scheduler):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_for(base: SDBase, scheduler):
+    """The pipeline over a handle's shared modules, with the real SD1.5 tokenizer."""
+    from .tokenizer import load_clip_tokenizer
+
+    model = base.model
+    return diffusers_pipeline(model.components, load_clip_tokenizer(model.tokenizer_source), scheduler)
 
 
 def sample(

@@ -14,19 +14,10 @@ pytest.importorskip("peft")
 
 
 def diffusers_fused(state, unet_strength, te_strength):
-    from diffusers import StableDiffusionPipeline
+    from lora_loom.lora_core.sampling import diffusers_pipeline
 
     model = build_components("tiny-sd15", seed=0)
-    pipe = StableDiffusionPipeline(
-        vae=model.vae,
-        text_encoder=model.text_encoder,
-        tokenizer=None,
-        unet=model.unet,
-        scheduler=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = diffusers_pipeline(model)  # diffusers' own LoRA loader does the work below
     logging.getLogger("transformers").setLevel(logging.ERROR)
     pipe.load_lora_weights(dict(state), adapter_name="kohya")
     pipe.set_adapters(["kohya"], adapter_weights=[{"unet": unet_strength, "text_encoder": te_strength}])
