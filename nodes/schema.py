@@ -8,7 +8,7 @@ validation and the UI→API workflow conversion, so the three can never disagree
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Input types the editor draws as widgets (values live in the node); all others are links.
@@ -56,7 +56,6 @@ class NodeSchema:
     inputs: tuple[Input, ...]
     outputs: tuple[Output, ...] = ()
     output_node: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def input(self, name: str) -> Input:
         for item in self.inputs:

@@ -31,10 +31,6 @@ def rename(state, new_module_name, up="lora_up.weight", down="lora_down.weight",
     return renamed
 
 
-def canonical_of(kohya_module: str, lookup: dict[str, str]) -> str:
-    return lookup[kohya_module]
-
-
 def assert_same_adapters(a, b):
     assert a.adapters.keys() == b.adapters.keys()
     for key in a.adapters:
