@@ -98,6 +98,72 @@ def sample(
     progress: ProgressCallback | None = None,
 ) -> SampleResult:
     """Sample images; the same inputs give the same pixels (noise drawn on the CPU from `seed`)."""
+    return _run(
+        base,
+        prompt,
+        negative_prompt,
+        torch.Generator("cpu").manual_seed(int(seed) % 2**64),
+        batch_size,
+        steps=steps,
+        cfg=cfg,
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        width=width,
+        height=height,
+        progress=progress,
+    )
+
+
+def sample_pairs(
+    base: SDBase,
+    prompts: list[str],
+    seeds: list[int],
+    negative_prompt: str = "",
+    *,
+    steps: int = 20,
+    cfg: float = 7.0,
+    sampler_name: str = "euler",
+    scheduler: str = "normal",
+    width: int = 512,
+    height: int = 512,
+    progress: ProgressCallback | None = None,
+) -> SampleResult:
+    """One image per (prompt, seed) pair, in one batch; image i equals ``sample(base, prompts[i],
+    seed=seeds[i])`` (each pair has its own noise generator)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    generators = [torch.Generator("cpu").manual_seed(int(seed) % 2**64) for seed in seeds]
+    return _run(
+        base,
+        list(prompts),
+        [negative_prompt] * len(prompts) if negative_prompt else None,
+        generators,
+        1,
+        steps=steps,
+        cfg=cfg,
+        sampler_name=sampler_name,
+        scheduler=scheduler,
+        width=width,
+        height=height,
+        progress=progress,
+    )
+
+
+def _run(
+    base,
+    prompt,
+    negative_prompt,
+    generator,
+    images_per_prompt,
+    *,
+    steps,
+    cfg,
+    sampler_name,
+    scheduler,
+    width,
+    height,
+    progress,
+) -> SampleResult:
     if width % 8 or height % 8:
         raise ValueError(f"width and height must be multiples of 8, got {width}×{height}")
     model = base.model
@@ -117,8 +183,8 @@ def sample(
             guidance_scale=cfg,
             width=width,
             height=height,
-            num_images_per_prompt=batch_size,
-            generator=torch.Generator("cpu").manual_seed(int(seed) % 2**64),
+            num_images_per_prompt=images_per_prompt,
+            generator=generator,
             output_type="latent",
             callback_on_step_end=on_step_end,
         ).images

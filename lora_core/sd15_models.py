@@ -36,7 +36,7 @@ from .sd15_keys import (
 )
 
 CONFIGS_ROOT = Path(__file__).resolve().parent / "configs"
-CONFIG_NAMES = ("sd15", "tiny-sd15")
+CONFIG_NAMES = ("sd15", "tiny-sd15", "toy-world-sd15")
 
 # CLIP ViT-L/14 (SD1.5's text encoder) uses 64-dimensional attention heads.
 _TEXT_ENCODER_HEAD_DIM = 64

@@ -8,6 +8,7 @@ branches from one base stay correct and independent in any execution order.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import threading
@@ -16,12 +17,19 @@ from pathlib import Path
 
 import torch
 
+from .builtin import BUILT_IN_TINY, BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
 from .lora import LoRA
 from .patcher import PatchEngine, PatchEntry, PatchSet, PatchStats
-from .sd15_models import SD15Components, build_components, config_dir, load_single_file, save_single_file
+from .sd15_models import (
+    SD15Components,
+    build_components,
+    config_dir,
+    load_config_dicts,
+    load_single_file,
+    save_single_file,
+)
 from .weight_source import FileWeightSource
 
-BUILT_IN_TINY = "tiny-sd15 (built-in)"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -96,7 +104,9 @@ def cache_dir() -> Path:
 
 def built_in_tiny_checkpoint() -> Path:
     """The built-in tiny base as a checkpoint file (written once), so it loads like any user file."""
-    path = cache_dir() / f"tiny-sd15-seed0-torch{torch.__version__.split('+')[0]}.safetensors"
+    configs = json.dumps(load_config_dicts("tiny-sd15"), sort_keys=True).encode()
+    tag = f"torch{torch.__version__.split('+')[0]}-{hashlib.sha256(configs).hexdigest()[:10]}"
+    path = cache_dir() / f"tiny-sd15-seed0-{tag}.safetensors"
     if not path.is_file():
         temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
         save_single_file(build_components("tiny-sd15", seed=0), temporary)
@@ -104,8 +114,23 @@ def built_in_tiny_checkpoint() -> Path:
     return path
 
 
+def built_in_checkpoint(name: str) -> Path | None:
+    """The file behind a built-in base name, or None if ``name`` is not a built-in base."""
+    if name == BUILT_IN_TOY:
+        return TOY_WORLD_CHECKPOINT
+    if name == BUILT_IN_TINY:
+        return built_in_tiny_checkpoint()
+    return None
+
+
+def _auto_dtype(path: Path, device: torch.device) -> torch.dtype:
+    """ "auto": the file's own precision on a GPU; float32 on the CPU, where half-precision math is slow and
+    lossy (as ComfyUI does)."""
+    return _file_dtype(path) if device.type != "cpu" else torch.float32
+
+
 def _file_dtype(path: Path) -> torch.dtype:
-    """The precision a checkpoint's U-Net is stored in ("auto" dtype)."""
+    """The precision a checkpoint's U-Net is stored in."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -140,11 +165,12 @@ def _ckpt_as_safetensors(path: Path) -> Path:
 def load_base(
     name_or_path: str | os.PathLike, *, dtype: str = "auto", device: str | torch.device | None = None
 ) -> SDBase:
-    """Load an SD1.5 base: the built-in tiny one, a single-file checkpoint, or a diffusers folder."""
+    """Load an SD1.5 base: a built-in one (:data:`BUILT_IN_TOY`, :data:`BUILT_IN_TINY`), a single-file
+    checkpoint, or a diffusers folder. Built-in bases are files too, loaded by the same code path."""
     if dtype != "auto" and dtype not in DTYPES:
         raise BaseLoadError(f"dtype must be auto, fp32, fp16 or bf16, not {dtype!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = built_in_tiny_checkpoint() if str(name_or_path) == BUILT_IN_TINY else Path(name_or_path)
+    path = built_in_checkpoint(str(name_or_path)) or Path(name_or_path)
     if not path.exists():
         raise BaseLoadError(f"{path}: no such checkpoint")
     if path.is_dir():
@@ -152,7 +178,7 @@ def load_base(
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         path = _ckpt_as_safetensors(path)
     try:
-        torch_dtype = DTYPES[dtype] if dtype != "auto" else _file_dtype(path)
+        torch_dtype = DTYPES[dtype] if dtype != "auto" else _auto_dtype(path, device)
         components, key_map = load_single_file(path, dtype=torch_dtype, device=device)
     except BaseLoadError:
         raise

@@ -17,7 +17,13 @@ LOAD_BASE = NodeSchema(
     description="Loads a Stable Diffusion 1.5 checkpoint (single file or diffusers folder), fully offline.",
     inputs=(
         Input("ckpt_name", "COMBO", options=checkpoint_choices, tooltip="checkpoints folder, or a built-in base"),
-        Input("dtype", "COMBO", default="auto", options=DTYPES, tooltip="auto: the file's own precision"),
+        Input(
+            "dtype",
+            "COMBO",
+            default="auto",
+            options=DTYPES,
+            tooltip="auto: the file's own precision on a GPU, fp32 on the CPU",
+        ),
     ),
     outputs=(Output("SD_BASE", "base"),),
 )
@@ -85,7 +91,21 @@ SAMPLER = NodeSchema(
     outputs=(Output("IMAGE", "image"), Output("LATENT", "latent")),
 )
 
-NODES: tuple[NodeSchema, ...] = (LOAD_BASE, LOAD_LORA, APPLY_LORA, FUSE_LORA, SAMPLER)
+IMAGE_GRID = NodeSchema(
+    node_id="LoomImageGrid",
+    display_name="Image Grid (LoRA Loom)",
+    category=CATEGORY,
+    description="One picture from up to 6 IMAGE batches, a batch per row (e.g. a prompt per row, its images in order).",
+    inputs=(
+        Input("row_1", "IMAGE"),
+        Input("row_labels", "STRING", default="", multiline=True, tooltip="one label per line, drawn left of its row"),
+        Input("upscale", "INT", default=2, min=1, max=16, tooltip="nearest-neighbour enlargement"),
+        *(Input(f"row_{i}", "IMAGE", optional=True) for i in range(2, 7)),
+    ),
+    outputs=(Output("IMAGE", "image"),),
+)
+
+NODES: tuple[NodeSchema, ...] = (LOAD_BASE, LOAD_LORA, APPLY_LORA, FUSE_LORA, SAMPLER, IMAGE_GRID)
 
 # ComfyUI core nodes the headless runner provides with the host's semantics (never registered in the host).
 SAVE_IMAGE = NodeSchema(

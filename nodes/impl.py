@@ -87,6 +87,15 @@ def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, sched
     return (result.images, {"samples": result.latents})
 
 
+def image_grid(row_1, row_labels: str = "", upscale: int = 2, **more_rows):
+    from ..lora_core.grid import image_grid as core_image_grid
+    from ..lora_core.grid import pil_to_image_batch
+
+    rows = [row_1] + [more_rows[name] for name in sorted(more_rows) if more_rows[name] is not None]
+    labels = [line.strip() for line in row_labels.splitlines()]
+    return (pil_to_image_batch(core_image_grid(rows, row_labels=labels, upscale=upscale)),)
+
+
 def file_fingerprint(kind: str, name: str) -> str:
     """IS_CHANGED for loaders: a file replaced under the same name is loaded again."""
     if name in BUILT_IN_BASES:
@@ -109,4 +118,5 @@ IMPLEMENTATIONS = {
     "ApplyLoRA": apply_lora,
     "FuseLoRA": fuse_lora,
     "Sampler": sampler,
+    "LoomImageGrid": image_grid,
 }

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BUILT_IN_BASES = ("tiny-sd15 (built-in)",)
+from ..lora_core.builtin import BUILT_IN_TINY, BUILT_IN_TOY
+
+# The first entry is the editor's default choice.
+BUILT_IN_BASES = (BUILT_IN_TOY, BUILT_IN_TINY)
 _MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _models_dir = Path(os.environ.get("LORA_LOOM_MODELS_DIR", "models"))
 

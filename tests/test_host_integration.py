@@ -23,7 +23,9 @@ spec = importlib.util.spec_from_file_location("LoRA-Loom", {str(ROOT / "__init__
 module = importlib.util.module_from_spec(spec)
 sys.modules["LoRA-Loom"] = module
 spec.loader.exec_module(module)
-assert sorted(module.NODE_CLASS_MAPPINGS) == ["ApplyLoRA", "FuseLoRA", "LoadBase", "LoadLoRA", "Sampler"]
+assert sorted(module.NODE_CLASS_MAPPINGS) == [
+    "ApplyLoRA", "FuseLoRA", "LoadBase", "LoadLoRA", "LoomImageGrid", "Sampler"
+]
 assert module.WEB_DIRECTORY == "./web"
 for cls in module.NODE_CLASS_MAPPINGS.values():
     types = cls.INPUT_TYPES()
@@ -57,5 +59,12 @@ def test_v1_contract_matches_the_issue():
     apply = NODE_CLASS_MAPPINGS["ApplyLoRA"].INPUT_TYPES()["required"]
     assert apply["strength_unet"] == ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})
     assert list(apply) == ["base", "lora", "strength_unet", "strength_text_encoder"]
-    assert NODE_CLASS_MAPPINGS["LoadBase"].INPUT_TYPES()["required"]["ckpt_name"][0][0] == "tiny-sd15 (built-in)"
+    # The trained toy-world base is the editor's default choice; the random tiny base stays available.
+    assert NODE_CLASS_MAPPINGS["LoadBase"].INPUT_TYPES()["required"]["ckpt_name"][0][:2] == [
+        "toy-world-sd15 (built-in)",
+        "tiny-sd15 (built-in)",
+    ]
+    grid = NODE_CLASS_MAPPINGS["LoomImageGrid"].INPUT_TYPES()
+    assert list(grid["required"]) == ["row_1", "row_labels", "upscale"]
+    assert list(grid["optional"]) == [f"row_{i}" for i in range(2, 7)]
     assert importlib.util.find_spec("lora_loom.lora_core") is not None

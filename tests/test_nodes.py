@@ -132,7 +132,7 @@ def test_fuse_and_save_reads_back_identically(models):
     assert torch.equal(run_sampler(fused)[0], run_sampler(reloaded)[0])
 
     impl.fuse_lora(impl.apply_lora(base, style, 0.7, 0.3)[0], "fused-half", save_fp16=True)
-    half = impl.load_base("fused-half.safetensors")[0]  # dtype "auto" = the file's precision
+    half = impl.load_base("fused-half.safetensors", "fp16")[0]
     assert half.model.dtype == torch.float16
     fused_half = {k: v.half().cpu() for k, v in fused.model.components.unet.state_dict().items()}
     assert all(torch.equal(v.cpu(), fused_half[k]) for k, v in half.model.components.unet.state_dict().items())

@@ -66,7 +66,7 @@ def rewrite_file(source: Path, target: Path, edit) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sd15", "tiny-sd15"])
+@pytest.mark.parametrize("name", ["sd15", "tiny-sd15", "toy-world-sd15"])
 def test_config_dir(name):
     folder = config_dir(name)
     for subfolder in ("unet", "vae", "text_encoder"):
@@ -131,6 +131,15 @@ def test_full_size_ldm_state_dict_matches_a_real_checkpoint():
     assert {key: list(tensor.shape) for key, tensor in state_dict.items()} == reference
 
 
+@pytest.mark.parametrize("name", ["tiny-sd15", "toy-world-sd15"])
+def test_small_configs_have_every_key_name_of_a_real_checkpoint(name):
+    # Widths must grow at the same levels as SD1.5's, or the shortcut convs SD1.5 has there vanish.
+    reference = json.loads(REFERENCE_KEYS.read_text())["tensors"]
+    small = components_state_dict_ldm(build_empty_components(*load_config_dicts(name)))
+    assert set(small) == set(reference)
+    assert all(len(small[key].shape) == len(shape) for key, shape in reference.items())
+
+
 def test_saved_file_layout(tiny, tiny_file):
     with safe_open(str(tiny_file), framework="pt") as checkpoint:
         keys = set(checkpoint.keys())
@@ -138,7 +147,7 @@ def test_saved_file_layout(tiny, tiny_file):
         q_shape = checkpoint.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape()
     assert keys == set(components_state_dict_ldm(tiny))
     assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
-    assert q_shape == [64, 64, 1, 1]
+    assert q_shape == [96, 96, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ def test_load_reports_missing_unexpected_and_mis_shaped_tensors(tiny_file, tmp_p
         del tensors["model.diffusion_model.input_blocks.1.0.in_layers.0.weight"]
         del tensors["cond_stage_model.transformer.text_model.encoder.layers.3.mlp.fc2.bias"]
         tensors["model.diffusion_model.label_emb.0.0.weight"] = torch.zeros(4, 4)
-        tensors["first_stage_model.encoder.down.1.block.0.nin_shortcut.weight"] = torch.zeros(32, 32, 1, 1)
+        tensors["first_stage_model.encoder.down.0.block.0.nin_shortcut.weight"] = torch.zeros(32, 32, 1, 1)
         tensors["model.diffusion_model.input_blocks.1.0.emb_layers.1.bias"] = torch.zeros(33)
 
     path = rewrite_file(tiny_file, tmp_path / "damaged.safetensors", damage)
@@ -242,8 +251,8 @@ def test_load_reports_missing_unexpected_and_mis_shaped_tensors(tiny_file, tmp_p
         f"unet: 1 missing tensor(s): {unet}input_blocks.1.0.in_layers.0.weight",
         f"unet: 1 shape mismatch(es): {unet}input_blocks.1.0.emb_layers.1.bias [33] (expected [32])",
         f"unet: 1 unexpected tensor(s): {unet}label_emb.0.0.weight",
-        # The tiny VAE keeps its width there, so that (otherwise valid SD1.5) shortcut has no parameter.
-        f"vae: 1 unexpected tensor(s): {vae}encoder.down.1.block.0.nin_shortcut.weight",
+        # SD1.5 keeps its width at the first level, so no shortcut conv exists there.
+        f"vae: 1 unexpected tensor(s): {vae}encoder.down.0.block.0.nin_shortcut.weight",
     ]
 
 

@@ -3,10 +3,12 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from lora_loom.demo import write_demo_files
+from lora_loom.lora_core.builtin import BUILT_IN_TOY
 from lora_loom.runner import cli
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
@@ -21,7 +23,31 @@ def models_dir(tmp_path_factory):
 
 
 def test_there_are_the_promised_workflows():
-    assert {p.stem for p in WORKFLOWS} >= {"txt2img_one_lora", "stacked_loras", "fuse_and_save", "ab_strength"}
+    assert {p.stem for p in WORKFLOWS} >= {
+        "toy_world_grid",
+        "txt2img_one_lora",
+        "stacked_loras",
+        "fuse_and_save",
+        "ab_strength",
+    }
+
+
+def expected_pngs(workflow: dict) -> dict[str, tuple[int, tuple[int, int] | None]]:
+    """{SaveImage prefix: (how many PNGs, size or None)}: a Sampler's batch at its size, or one grid."""
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    sources = {link[0]: link[1] for link in workflow["links"]}
+    expected = {}
+    for node in nodes.values():
+        if node["type"] != "SaveImage":
+            continue
+        source = nodes[sources[node["inputs"][0]["link"]]]
+        if source["type"] == "Sampler":
+            *_, width, height, batch = source["widgets_values"]
+            expected[node["widgets_values"][0]] = (batch, (width, height))
+        else:
+            assert source["type"] == "LoomImageGrid"
+            expected[node["widgets_values"][0]] = (1, None)
+    return expected
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
@@ -29,13 +55,28 @@ def test_workflow_runs_headlessly(workflow, models_dir, tmp_path):
     out = tmp_path / "output"
     code = cli.main([str(workflow), "--models-dir", str(models_dir), "--output-dir", str(out), "--no-progress"])
     assert code == 0
-    images = sorted(out.rglob("*.png"))
-    savers = [n for n in json.loads(workflow.read_text())["nodes"] if n["type"] == "SaveImage"]
-    batch = 2
-    assert len(images) == batch * len(savers)
-    with Image.open(images[0]) as image:
-        assert image.size == (128, 128)
-        assert json.loads(image.text["workflow"])["nodes"] and json.loads(image.text["prompt"])
+    ui = json.loads(workflow.read_text())
+    assert next(n for n in ui["nodes"] if n["type"] == "LoadBase")["widgets_values"][0] == BUILT_IN_TOY
+    for prefix, (count, size) in expected_pngs(ui).items():
+        images = sorted(out.glob(f"{prefix}_*.png"))
+        assert len(images) == count, prefix
+        with Image.open(images[0]) as image:
+            if size is not None:
+                assert image.size == size
+            assert json.loads(image.text["workflow"])["nodes"] and json.loads(image.text["prompt"])
+
+
+def test_grid_workflow_rows_are_the_samplers_images(models_dir, tmp_path):
+    workflow = next(p for p in WORKFLOWS if p.stem == "toy_world_grid")
+    out = tmp_path / "grid"
+    assert cli.main([str(workflow), "--models-dir", str(models_dir), "--output-dir", str(out), "--no-progress"]) == 0
+    grid = np.asarray(Image.open(next(out.glob("toy_world/grid_*.png"))).convert("RGB"))
+    first = np.asarray(Image.open(sorted(out.glob("toy_world/row1_*.png"))[0]).convert("RGB"))
+    upscale = 3
+    tile = first.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    # The first row's first tile: right of the label column (220 px), one 4 px gap in.
+    assert np.array_equal(grid[4 : 4 + tile.shape[0], 224 : 224 + tile.shape[1]], tile)
+    assert grid.shape[0] == 4 + 4 * (tile.shape[0] + 4)  # four rows
 
 
 def test_ab_strength_zero_equals_the_plain_base_and_one_differs(models_dir, tmp_path):

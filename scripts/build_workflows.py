@@ -1,0 +1,234 @@
+"""Write the shipped UI-format workflows (schema 0.4) in workflows/ from the compact descriptions below.
+
+    python scripts/build_workflows.py
+
+Widget values follow the node contract (nodes/contract.py), so a contract change is one re-run away.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lora_loom.lora_core.builtin import BUILT_IN_TOY
+from lora_loom.nodes.contract import CORE_NODES, NODES
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+SCHEMAS = {schema.node_id: schema for schema in NODES + CORE_NODES}
+
+# (id, type, position, widget values by name, links {input name: (source id, output slot)})
+Node = tuple[int, str, tuple[int, int], dict, dict]
+
+
+def build(nodes: list[Node], title: str) -> dict:
+    links, outgoing = [], {}
+    for node_id, node_type, _, _, inputs in nodes:
+        link_inputs = [item.name for item in SCHEMAS[node_type].inputs if not item.is_widget]
+        for name, (source, slot) in inputs.items():
+            link_id = len(links) + 1
+            kind = SCHEMAS[node_type].input(name).type
+            links.append([link_id, source, slot, node_id, link_inputs.index(name), kind])
+            outgoing.setdefault((source, slot), []).append(link_id)
+    incoming = {(link[3], link[4]): link[0] for link in links}
+    ui_nodes = []
+    for order, (node_id, node_type, position, widgets, _) in enumerate(nodes):
+        schema = SCHEMAS[node_type]
+        values = []
+        for widget in schema.widgets:
+            values.append(widgets.get(widget.name, widget.default))
+            if widget.control_after_generate:
+                values.append("fixed")
+        link_inputs = [item for item in schema.inputs if not item.is_widget]
+        ui_nodes.append(
+            {
+                "id": node_id,
+                "type": node_type,
+                "pos": list(position),
+                "size": [320, 60 + 26 * (len(schema.inputs) + len(schema.outputs))],
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": [
+                    {"name": item.name, "type": item.type, "link": incoming.get((node_id, k))}
+                    for k, item in enumerate(link_inputs)
+                ],
+                "outputs": [
+                    {"name": out.name, "type": out.type, "links": outgoing.get((node_id, k), []), "slot_index": k}
+                    for k, out in enumerate(schema.outputs)
+                ],
+                "properties": {"Node name for S&R": node_type},
+                "widgets_values": values,
+            }
+        )
+    return {
+        "last_node_id": max(node[0] for node in nodes),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}, "title": title},
+        "version": 0.4,
+    }
+
+
+SAMPLE = dict(
+    negative_prompt="",
+    seed=42,
+    steps=20,
+    cfg=7.0,
+    sampler_name="euler",
+    scheduler="normal",
+    width=64,
+    height=64,
+    batch_size=4,
+)
+BASE: Node = (1, "LoadBase", (40, 80), {"ckpt_name": BUILT_IN_TOY, "dtype": "auto"}, {})
+GRID_PROMPTS = (
+    "a red circle on the left, blue background",
+    "a large yellow square at the top right on a black background",
+    "green triangle, bottom centre, on white",
+    "a purple ring in the bottom left, orange background",
+)
+
+
+def grid_workflow() -> list[Node]:
+    nodes: list[Node] = [BASE]
+    grid_links = {}
+    for row, prompt in enumerate(GRID_PROMPTS):
+        sampler_id, save_id = 10 + row, 20 + row
+        y = 40 + row * 480  # a Sampler node is ~430 px tall in the editor
+        nodes.append((sampler_id, "Sampler", (400, y), {"prompt": prompt, **SAMPLE, "seed": 1}, {"base": (1, 0)}))
+        nodes.append(
+            (
+                save_id,
+                "SaveImage",
+                (760, y),
+                {"filename_prefix": f"toy_world/row{row + 1}"},
+                {"images": (sampler_id, 0)},
+            )
+        )
+        grid_links[f"row_{row + 1}"] = (sampler_id, 0)
+    labels = "\n".join(GRID_PROMPTS)
+    nodes.append((30, "LoomImageGrid", (1120, 40), {"row_labels": labels, "upscale": 3}, grid_links))
+    nodes.append((31, "SaveImage", (1480, 40), {"filename_prefix": "toy_world/grid"}, {"images": (30, 0)}))
+    return nodes
+
+
+WORKFLOWS_BY_NAME: dict[str, list[Node]] = {
+    "toy_world_grid": grid_workflow(),
+    "txt2img_one_lora": [
+        BASE,
+        (2, "LoadLoRA", (40, 280), {"lora_name": "demo-all.safetensors"}, {}),
+        (
+            3,
+            "ApplyLoRA",
+            (400, 120),
+            {"strength_unet": 0.8, "strength_text_encoder": 0.5},
+            {"base": (1, 0), "lora": (2, 0)},
+        ),
+        (4, "Sampler", (760, 80), {"prompt": "a red circle on the left, blue background", **SAMPLE}, {"base": (3, 0)}),
+        (5, "SaveImage", (1120, 80), {"filename_prefix": "loom_one_lora"}, {"images": (4, 0)}),
+    ],
+    "stacked_loras": [
+        BASE,
+        (2, "LoadLoRA", (40, 280), {"lora_name": "demo-all.safetensors"}, {}),
+        (3, "LoadLoRA", (40, 440), {"lora_name": "demo-attention.safetensors"}, {}),
+        (
+            4,
+            "ApplyLoRA",
+            (400, 80),
+            {"strength_unet": 0.7, "strength_text_encoder": 0.3},
+            {"base": (1, 0), "lora": (2, 0)},
+        ),
+        (
+            5,
+            "ApplyLoRA",
+            (400, 320),
+            {"strength_unet": 1.2, "strength_text_encoder": 0.0},
+            {"base": (4, 0), "lora": (3, 0)},
+        ),
+        (
+            6,
+            "Sampler",
+            (760, 80),
+            {"prompt": "a green triangle at the top, yellow background", **SAMPLE},
+            {"base": (5, 0)},
+        ),
+        (7, "SaveImage", (1120, 80), {"filename_prefix": "loom_stacked"}, {"images": (6, 0)}),
+    ],
+    "fuse_and_save": [
+        BASE,
+        (2, "LoadLoRA", (40, 280), {"lora_name": "demo-all.safetensors"}, {}),
+        (
+            3,
+            "ApplyLoRA",
+            (400, 120),
+            {"strength_unet": 1.0, "strength_text_encoder": 1.0},
+            {"base": (1, 0), "lora": (2, 0)},
+        ),
+        (4, "FuseLoRA", (760, 120), {"save_name": "loom-fused-demo", "save_fp16": False}, {"base": (3, 0)}),
+        (5, "LoadLoRA", (760, 340), {"lora_name": "demo-attention.safetensors"}, {}),
+        (
+            6,
+            "ApplyLoRA",
+            (1120, 120),
+            {"strength_unet": 0.5, "strength_text_encoder": 0.5},
+            {"base": (4, 0), "lora": (5, 0)},
+        ),
+        (
+            7,
+            "Sampler",
+            (1480, 80),
+            {"prompt": "a blue square in the centre, white background", **SAMPLE},
+            {"base": (6, 0)},
+        ),
+        (8, "SaveImage", (1840, 80), {"filename_prefix": "loom_fused"}, {"images": (7, 0)}),
+    ],
+    "ab_strength": [
+        BASE,
+        (2, "LoadLoRA", (40, 280), {"lora_name": "demo-all.safetensors"}, {}),
+        (
+            3,
+            "ApplyLoRA",
+            (400, 40),
+            {"strength_unet": 0.0, "strength_text_encoder": 0.0},
+            {"base": (1, 0), "lora": (2, 0)},
+        ),
+        (
+            4,
+            "ApplyLoRA",
+            (400, 520),
+            {"strength_unet": 1.0, "strength_text_encoder": 1.0},
+            {"base": (1, 0), "lora": (2, 0)},
+        ),
+        (
+            5,
+            "Sampler",
+            (760, 40),
+            {"prompt": "a yellow square on the right, black background", **SAMPLE},
+            {"base": (3, 0)},
+        ),
+        (
+            6,
+            "Sampler",
+            (760, 520),
+            {"prompt": "a yellow square on the right, black background", **SAMPLE},
+            {"base": (4, 0)},
+        ),
+        (7, "SaveImage", (1120, 40), {"filename_prefix": "loom_ab_strength0"}, {"images": (5, 0)}),
+        (8, "SaveImage", (1120, 520), {"filename_prefix": "loom_ab_strength1"}, {"images": (6, 0)}),
+    ],
+}
+
+
+def main() -> None:
+    for name, nodes in WORKFLOWS_BY_NAME.items():
+        with open(WORKFLOWS / f"{name}.json", "w") as f:
+            json.dump(build(nodes, name.replace("_", " ")), f, indent=1)
+            f.write("\n")
+        print(f"wrote workflows/{name}.json")
+
+
+if __name__ == "__main__":
+    main()

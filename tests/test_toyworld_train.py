@@ -1,0 +1,68 @@
+"""The toy-world training script: seeded, resumable to the same bits, exports a loadable checkpoint."""
+
+import math
+
+import torch
+from safetensors.torch import load_file
+
+from lora_loom.lora_core.sd_base import load_base
+from lora_loom.toyworld import train
+
+MICRO = train.Recipe(n_images=32, vae_steps=4, vae_batch=4, unet_steps=4, unet_batch=4, checkpoint_every=100)
+
+
+def test_interrupted_and_resumed_training_gives_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    assert train.run(straight, MICRO, "all", straight / "base.safetensors")
+    sliced = tmp_path / "sliced"
+    stops = 0
+    while not train.run(sliced, MICRO, "all", sliced / "base.safetensors", stop_after=3):
+        stops += 1
+    assert stops == 2  # stopped once in the VAE stage and once in the U-Net stage
+    a, b = load_file(straight / "base.safetensors"), load_file(sliced / "base.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert (sliced / "loss.png").is_file()
+
+    # The export loads like any user checkpoint.
+    base = load_base(straight / "base.safetensors", dtype="fp32", device="cpu")
+    assert list(base.model.components.unet.config.block_out_channels) == [32, 64, 96, 96]
+
+
+def test_a_different_seed_gives_different_weights_and_a_new_recipe_needs_a_new_folder(tmp_path):
+    assert train.run(tmp_path / "a", MICRO, "vae")
+    other = train.Recipe(**{**MICRO.__dict__, "seed": 1})
+    assert train.run(tmp_path / "b", other, "vae")
+    a = torch.load(tmp_path / "a" / "vae_state.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "vae_state.pt", weights_only=False)["model"]
+    assert any(not torch.equal(a[key], b[key]) for key in a)
+    try:
+        train.run(tmp_path / "a", other, "vae")
+    except SystemExit as error:
+        assert "another recipe" in str(error)
+    else:
+        raise AssertionError("a run folder accepted a different recipe")
+
+
+def test_latent_rescaling_is_exact_and_gives_sd15_scale(tmp_path):
+    data = train.make_data(tmp_path, MICRO)
+    vae = train.build_models(0).vae.eval()
+    pixels = train._to_pixels(data["images"][:8])
+    with torch.no_grad():
+        before = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        c = train.rescale_latents(vae, data["images"], 0.18215)
+        latents = vae.encode(train._to_pixels(data["images"])).latent_dist.mean
+        after = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    assert math.isclose(latents.std().item() * 0.18215, 1.0, rel_tol=1e-4)
+    assert c > 0
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=0)  # float32 rounding only
+
+
+def test_multires_noise_is_seeded_unit_and_mostly_low_frequency_extra():
+    base = torch.randn((64, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    a = train._multires_noise(base, 3, 0.5, torch.Generator().manual_seed(1))
+    b = train._multires_noise(base, 3, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == base.shape
+    assert math.isclose(a.std().item(), 1.0, rel_tol=1e-5)
+    # The per-image spatial mean (the lowest frequency) varies more than in plain white noise.
+    assert a.mean(dim=(2, 3)).std() > 1.5 * base.mean(dim=(2, 3)).std()
