@@ -134,8 +134,7 @@ def build_models(seed: int):
     """Seeded fresh U-Net, VAE and text encoder from the shipped toy-world config."""
     from ..lora_core.sd15_models import build_components
 
-    components = build_components(CONFIG_NAME, seed=seed)
-    return components
+    return build_components(CONFIG_NAME, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -450,6 +449,11 @@ def run(
     def save_timings() -> None:
         timings_file.write_text(json.dumps(timings, indent=2) + "\n")
 
+    if stage == "export":  # needs only the trained weights, not the 260 MB of rendered data
+        if destination is not None:
+            export(out, recipe, destination)
+            loss_chart(out).save(out / "loss.png")
+        return True
     started = time.perf_counter()
     data = make_data(out, recipe)
     _timed(timings, "data_seconds", started)
@@ -479,7 +483,7 @@ def run(
             return False
         timings["unet_seconds"] = round(torch.load(out / "unet_state.pt", weights_only=False)["elapsed"], 1)
         save_timings()
-    if stage in ("all", "export") and destination is not None:
+    if stage == "all" and destination is not None:
         export(out, recipe, destination)
         loss_chart(out).save(out / "loss.png")
     return True
