@@ -48,3 +48,17 @@ def test_cuda_exact_restore_order_independence_and_cpu_agreement(tmp_path, dtype
 
     engine.restore()
     assert_bitwise_equal(model, original)
+
+
+def test_cuda_training_stops_resumes_and_exports(tmp_path):
+    from safetensors.torch import load_file
+
+    from lora_loom.toyworld import train
+
+    micro = train.Recipe(n_images=32, vae_steps=4, vae_batch=4, clip_steps=4, clip_batch=4, unet_steps=4, unet_batch=4)
+    stops = 0
+    while not train.run(tmp_path, micro, "all", tmp_path / "base.safetensors", stop_after=3, device="cuda"):
+        stops += 1  # each resume reloads GPU-trained checkpoints through the CPU
+    assert stops == 3
+    exported = load_file(tmp_path / "base.safetensors")
+    assert len(exported) == 1130 and all(torch.isfinite(t.float()).all() for t in exported.values())

@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 from lora_loom.lora_core.sd_base import load_base
 from lora_loom.toyworld import train
 
-MICRO = train.Recipe(n_images=32, vae_steps=4, vae_batch=4, unet_steps=4, unet_batch=4, checkpoint_every=100)
+MICRO = train.Recipe(
+    n_images=32, vae_steps=4, vae_batch=4, clip_steps=4, clip_batch=4, unet_steps=4, unet_batch=4, checkpoint_every=100
+)
 
 
 def test_interrupted_and_resumed_training_gives_the_same_weights(tmp_path):
@@ -18,7 +20,7 @@ def test_interrupted_and_resumed_training_gives_the_same_weights(tmp_path):
     stops = 0
     while not train.run(sliced, MICRO, "all", sliced / "base.safetensors", stop_after=3):
         stops += 1
-    assert stops == 2  # stopped once in the VAE stage and once in the U-Net stage
+    assert stops == 3  # stopped once in each stage: VAE, CLIP, U-Net
     a, b = load_file(straight / "base.safetensors"), load_file(sliced / "base.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[key], b[key]) for key in a)
@@ -27,6 +29,25 @@ def test_interrupted_and_resumed_training_gives_the_same_weights(tmp_path):
     # The export loads like any user checkpoint.
     base = load_base(straight / "base.safetensors", dtype="fp32", device="cpu")
     assert list(base.model.components.unet.config.block_out_channels) == [32, 64, 96, 96]
+
+
+def test_the_text_encoder_is_frozen_after_the_clip_stage_and_trained_without_it(tmp_path):
+    def text_encoder_of(folder):
+        return torch.load(folder / "unet_state.pt", weights_only=False)["text_encoder"]
+
+    assert train.run(tmp_path / "clip", MICRO, "all")
+    clip_trained = torch.load(tmp_path / "clip" / "text_encoder_clip.pt", weights_only=True)
+    after_unet = text_encoder_of(tmp_path / "clip")
+    assert all(torch.equal(clip_trained[key], after_unet[key]) for key in clip_trained)  # frozen
+    seeded = train.build_models(MICRO.seed).text_encoder.state_dict()
+    assert any(not torch.equal(seeded[key], clip_trained[key]) for key in seeded)  # the CLIP stage trained it
+    assert "ema_text" not in torch.load(tmp_path / "clip" / "unet_state.pt", weights_only=False)
+
+    joint = train.Recipe(**{**MICRO.__dict__, "clip_steps": 0})
+    assert train.run(tmp_path / "joint", joint, "all")
+    assert not (tmp_path / "joint" / "clip_state.pt").exists()
+    trained_with_unet = text_encoder_of(tmp_path / "joint")
+    assert any(not torch.equal(seeded[key], trained_with_unet[key]) for key in seeded)
 
 
 def test_a_different_seed_gives_different_weights_and_a_new_recipe_needs_a_new_folder(tmp_path):
@@ -66,3 +87,18 @@ def test_multires_noise_is_seeded_unit_and_mostly_low_frequency_extra():
     assert math.isclose(a.std().item(), 1.0, rel_tol=1e-5)
     # The per-image spatial mean (the lowest frequency) varies more than in plain white noise.
     assert a.mean(dim=(2, 3)).std() > 1.5 * base.mean(dim=(2, 3)).std()
+
+
+def test_loss_weight_is_min_snr_with_the_x0_weight_floored():
+    from diffusers.training_utils import compute_snr
+
+    scheduler = train._noise_scheduler()
+    snr = compute_snr(scheduler, torch.arange(1000))
+    plain = train._loss_weight(snr, 5.0, 0.0)
+    torch.testing.assert_close(plain, torch.clamp(snr, max=5.0) / snr)  # floor 0 is min-SNR-5
+    floored = train._loss_weight(snr, 5.0, 1.0)
+    x0_weight = floored * snr  # epsilon MSE = SNR * x0 MSE
+    assert x0_weight.min() >= 1.0 - 1e-5 and x0_weight.max() <= 5.0 + 1e-5
+    # Where SNR >= 1 nothing changes; at SD1.5's noisiest step the epsilon weight is 1/SNR (~213), not 1.
+    torch.testing.assert_close(floored[snr >= 1.0], plain[snr >= 1.0])
+    assert plain[-1] == 1.0 and floored[-1] > 200
