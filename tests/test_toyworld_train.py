@@ -102,3 +102,13 @@ def test_loss_weight_is_min_snr_with_the_x0_weight_floored():
     # Where SNR >= 1 nothing changes; at SD1.5's noisiest step the epsilon weight is 1/SNR (~213), not 1.
     torch.testing.assert_close(floored[snr >= 1.0], plain[snr >= 1.0])
     assert plain[-1] == 1.0 and floored[-1] > 200
+
+
+def test_the_unet_stage_asks_for_the_clip_stage_first(tmp_path):
+    assert train.run(tmp_path, MICRO, "vae")
+    try:
+        train.run(tmp_path, MICRO, "unet")
+    except SystemExit as error:
+        assert "--stage clip" in str(error)
+    else:
+        raise AssertionError("the U-Net stage ran without the CLIP stage's text encoder")

@@ -617,6 +617,8 @@ def run(
         timings["clip_seconds"] = round(_load(out / "clip_state.pt")["elapsed"], 1)
         save_timings()
     if stage in ("all", "unet"):
+        if recipe.clip_steps and not (out / "text_encoder_clip.pt").is_file():
+            raise SystemExit(f"{out}: the U-Net stage needs the CLIP stage's text encoder; run --stage clip first")
         from ..lora_core.sd15_models import load_config_dicts
 
         scaling_factor = load_config_dicts(CONFIG_NAME)[1]["scaling_factor"]
