@@ -126,6 +126,24 @@ def _load(path: Path, weights_only: bool = False):
     return torch.load(path, map_location="cpu", weights_only=weights_only)
 
 
+def _resume(path: Path, parts: dict, generator: torch.Generator, state: dict) -> None:
+    """Load each part (module, optimizer, schedule, EMA: anything with ``load_state_dict``), the generator and
+    the step counters from the checkpoint at ``path``, if there is one."""
+    if not path.is_file():
+        return
+    saved = _load(path)
+    for key, part in parts.items():
+        part.load_state_dict(saved[key])
+    generator.set_state(saved["generator"])
+    state.update(step=saved["step"], elapsed=saved["elapsed"])
+
+
+def _checkpoint(path: Path, parts: dict, generator: torch.Generator, state: dict) -> None:
+    saved = {key: part.state_dict() for key, part in parts.items()}
+    saved.update(generator=generator.get_state(), step=state["step"], elapsed=state["elapsed"])
+    _save_atomic(saved, path)
+
+
 def _log(out: Path, stage: str, step: int, loss: float, seconds: float) -> None:
     with open(out / f"{stage}_loss.csv", "a") as f:
         f.write(f"{step},{loss:.6f},{seconds:.1f}\n")
@@ -192,13 +210,8 @@ def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = No
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(100, recipe.vae_steps))
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     state = {"step": 0, "elapsed": 0.0, "checkpoint_every": recipe.checkpoint_every}
-    if state_path.is_file():
-        saved = _load(state_path)
-        vae.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        generator.set_state(saved["generator"])
-        state.update(step=saved["step"], elapsed=saved["elapsed"])
+    parts = {"model": vae, "optimizer": optimizer, "schedule": schedule}
+    _resume(state_path, parts, generator, state)
     if state["step"] >= recipe.vae_steps:
         return True
     images = data["images"].to(device)
@@ -221,9 +234,7 @@ def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = No
         return loss.item()
 
     def checkpoint() -> None:
-        saved = {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-        saved.update(generator=generator.get_state(), step=state["step"], elapsed=state["elapsed"])
-        _save_atomic(saved, state_path)
+        _checkpoint(state_path, parts, generator, state)
 
     return _train_loop(out, "vae", recipe.vae_steps, state, one_step, checkpoint, stop_after)
 
@@ -310,13 +321,8 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(100, recipe.clip_steps))
     generator = torch.Generator().manual_seed(recipe.seed + 3)
     state = {"step": 0, "elapsed": 0.0, "checkpoint_every": recipe.checkpoint_every}
-    if state_path.is_file():
-        saved = _load(state_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        generator.set_state(saved["generator"])
-        state.update(step=saved["step"], elapsed=saved["elapsed"])
+    parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
+    _resume(state_path, parts, generator, state)
 
     def save_text_encoder() -> None:
         _text_transformer(text_encoder).load_state_dict(_text_transformer(model.text_model).state_dict())
@@ -348,9 +354,7 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
         return loss.item()
 
     def checkpoint() -> None:
-        saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()}
-        saved.update(generator=generator.get_state(), step=state["step"], elapsed=state["elapsed"])
-        _save_atomic(saved, state_path)
+        _checkpoint(state_path, parts, generator, state)
 
     done = _train_loop(out, "clip", recipe.clip_steps, state, one_step, checkpoint, stop_after)
     if done:
@@ -423,17 +427,11 @@ def train_unet(
     emas = {name: EMAModel(m.parameters(), decay=recipe.ema_decay, foreach=True) for name, m in trained.items()}
     generator = torch.Generator().manual_seed(recipe.seed + 2)
     state = {"step": 0, "elapsed": 0.0, "checkpoint_every": recipe.checkpoint_every}
-    if state_path.is_file():
-        saved = _load(state_path)
-        unet.load_state_dict(saved["unet"])
-        text_encoder.load_state_dict(saved["text_encoder"])
-        for name, ema in emas.items():
-            ema.load_state_dict(saved[f"ema_{name}"])
-            ema.to(device)  # checkpoints are loaded onto the CPU
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        generator.set_state(saved["generator"])
-        state.update(step=saved["step"], elapsed=saved["elapsed"])
+    parts = {"unet": unet, "text_encoder": text_encoder, **{f"ema_{name}": ema for name, ema in emas.items()}}
+    parts.update(optimizer=optimizer, schedule=schedule)
+    _resume(state_path, parts, generator, state)
+    for ema in emas.values():
+        ema.to(device)  # checkpoints are loaded onto the CPU
     if state["step"] >= recipe.unet_steps:
         return True
 
@@ -479,11 +477,7 @@ def train_unet(
         return loss.item()
 
     def checkpoint() -> None:
-        saved = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()}
-        saved.update({f"ema_{name}": ema.state_dict() for name, ema in emas.items()})
-        saved.update(optimizer=optimizer.state_dict(), schedule=schedule.state_dict())
-        saved.update(generator=generator.get_state(), step=state["step"], elapsed=state["elapsed"])
-        _save_atomic(saved, state_path)
+        _checkpoint(state_path, parts, generator, state)
 
     return _train_loop(out, "unet", recipe.unet_steps, state, one_step, checkpoint, stop_after)
 
