@@ -1,5 +1,6 @@
 """The shipped toy-world base: file layout, identical loading through LoadBase and diffusers, adherence."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -97,28 +98,54 @@ def fixed_prompt_set(n: int):
 WORKFLOW_CFG = 2.0  # the shipped workflows' CFG on the toy base
 
 
+SAMPLERS = ("euler", "dpmpp_2m", "ddim")
+CFGS = (1.0, WORKFLOW_CFG, 7.0)
+PAIRS = 48
+# The docs' figures come from 200 pairs (bench/bench_toyworld.py); this fixed 48-pair subset is held to the
+# goals at the workflows' CFG 2 (its closest margin there: shape 42/48 vs the 36 the goal needs) and to the
+# goals less 10 points at CFG 1 and 7, where the 200-pair rates sit near a goal (shape at CFG 7: 74.5-75.5 %).
+# Chance is 1/6 (colours, backgrounds, places) and 1/5 (shapes): a base or sampler that ignores the prompt
+# fails every one of these by far.
+SUBSET_TOLERANCE = 0.10
+
+
 @pytest.fixture(scope="module")
 def adherence(toy):
-    """Fraction right per attribute on 32 fixed (prompt, seed) pairs, euler, 20 steps, at CFG 1, 2 and 7."""
-    prompts, truth = fixed_prompt_set(32)
-    rates = {}
-    for cfg in (1.0, WORKFLOW_CFG, 7.0):
-        images = sample_pairs(toy, prompts, list(range(len(prompts))), steps=20, cfg=cfg, width=64, height=64)
+    """{(sampler, cfg): per-attribute hit counts and "all four"} on 48 fixed (prompt, seed) pairs, 20 steps."""
+    prompts, truth = fixed_prompt_set(PAIRS)
+    counts = {}
+    for sampler_name, cfg in itertools.product(SAMPLERS, CFGS):
+        images = sample_pairs(
+            toy, prompts, list(range(PAIRS)), steps=20, cfg=cfg, sampler_name=sampler_name, width=64, height=64
+        )
         pixels = (images.images.numpy() * 255).round().astype(np.uint8)
         verdicts = [score(image, scene) for image, scene in zip(pixels, truth, strict=True)]
-        rates[cfg] = {name: float(np.mean([v[name] for v in verdicts])) for name in GOALS}
-    return rates
+        hits = {name: sum(v[name] for v in verdicts) for name in GOALS}
+        hits["all four"] = sum(all(v[name] for name in GOALS) for v in verdicts)
+        counts[sampler_name, cfg] = hits
+    return counts
 
 
-@pytest.mark.parametrize("attribute", list(GOALS))
-def test_toy_base_reaches_its_adherence_goal(adherence, attribute):
-    assert adherence[WORKFLOW_CFG][attribute] >= GOALS[attribute], adherence[WORKFLOW_CFG]
+@pytest.mark.parametrize("sampler_name", SAMPLERS)
+@pytest.mark.parametrize("cfg", CFGS, ids=lambda cfg: f"cfg{cfg:g}")
+def test_toy_base_reaches_its_adherence_goals(adherence, sampler_name, cfg):
+    rates = {name: adherence[sampler_name, cfg][name] / PAIRS for name in GOALS}
+    tolerance = 0.0 if cfg == WORKFLOW_CFG else SUBSET_TOLERANCE
+    missed = {name: rate for name, rate in rates.items() if rate < GOALS[name] - tolerance}
+    assert not missed, (sampler_name, cfg, rates)
 
 
-def test_guidance_matters(adherence):
-    guided, unguided = (sum(adherence[cfg].values()) for cfg in (WORKFLOW_CFG, 1.0))
-    assert guided > unguided, adherence
-    assert adherence[7.0] != adherence[1.0], adherence
+def test_guidance_matters_both_ways(adherence):
+    """A little guidance helps (CFG 2 beats 1 on all four right); much more over-guides and costs shape.
+
+    Summed over the three samplers (144 images each): measured 126 vs 113 all-four hits (CFG 2 vs 1) and
+    129 vs 104 shape hits (CFG 2 vs 7); asserted ≥ 5 and ≥ 12 (less than half the measured gaps).
+    """
+    total = {
+        cfg: {name: sum(adherence[s, cfg][name] for s in SAMPLERS) for name in ("all four", "shape")} for cfg in CFGS
+    }
+    assert total[WORKFLOW_CFG]["all four"] - total[1.0]["all four"] >= 5, total
+    assert total[WORKFLOW_CFG]["shape"] - total[7.0]["shape"] >= 12, total
 
 
 def test_position_follows_the_prompt_not_the_starting_noise(toy):
