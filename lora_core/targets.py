@@ -49,6 +49,7 @@ def _unet_aliases(name: str) -> list[str]:
     aliases = [
         "lora_unet_" + name.replace(".", "_"),  # kohya / A1111
         "lora_unet_" + ldm.replace(".", "_"),  # kohya files named after LDM paths
+        "lycoris_" + name.replace(".", "_"),  # LyCORIS' own naming of diffusers paths
         "unet." + name,  # diffusers
         name,  # diffusers, unprefixed (older `save_attn_procs`)
         "base_model.model." + name,  # PEFT

@@ -41,7 +41,9 @@ def save_image_path(prefix: str, output_dir: str | Path, width: int = 0, height:
     normalized = os.path.normpath(prefix)
     subfolder, name = os.path.dirname(normalized), os.path.basename(normalized)
     folder = os.path.abspath(os.path.join(output_dir, subfolder))
-    if os.path.commonpath((output_dir, folder)) != output_dir:
+    # Real paths, not text: a symlinked subfolder (or `..` through one) must not lead the file out either.
+    real_output = os.path.realpath(output_dir)
+    if os.path.commonpath((real_output, os.path.realpath(folder))) != real_output:
         raise ValueError(f"filename_prefix {prefix!r} would save outside the output folder {output_dir}")
     counter = 1
     if os.path.isdir(folder):

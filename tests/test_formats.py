@@ -54,6 +54,9 @@ def test_missing_alpha_means_alpha_equals_rank(kohya_state):
 
 
 def test_all_spellings_give_the_same_lora(kohya_state):
+    """Every spelling parses to the same adapters. The names here are made with our key maps (a consistency
+    check); that they are the names other tools write is checked against those tools' own output in
+    test_comfyui_files.py (ComfyUI's key map + diffusers' converter) and in the diffusers-converter test below."""
     reference = parse_lora(kohya_state)
     by_kohya = {kohya_name(t): t for t in reference.adapters}
 
@@ -75,9 +78,6 @@ def test_all_spellings_give_the_same_lora(kohya_state):
     def diffusers_flat_te(module):
         return by_kohya[module].replace("text_encoder.text_model.", "text_encoder.")
 
-    def kohya_te1_flat(module):  # diffusers' convert_state_dict_to_kohya under transformers 5
-        return module.replace("lora_te_text_model_", "lora_te1_")
-
     def peft_base_model(module):
         target = by_kohya[module]
         return target.replace("unet.", "unet.base_model.model.", 1).replace(
@@ -92,7 +92,6 @@ def test_all_spellings_give_the_same_lora(kohya_state):
             kohya_state, diffusers_flat_te, "lora_linear_layer.up.weight", "lora_linear_layer.down.weight"
         ),
         "peft": rename(kohya_state, peft_base_model, "lora_B.weight", "lora_A.weight"),
-        "kohya te1 flat": rename(kohya_state, kohya_te1_flat),
     }
     for label, state in spellings.items():
         parsed = parse_lora(state)
@@ -202,3 +201,39 @@ def test_locon_tucker_mid_and_pickled_files(tiny_fp32, tmp_path):
     torch.save({"not": "tensors", "code": print}, tmp_path / "evil.ckpt")  # unpickling code is refused
     with pytest.raises(LoRAFormatError, match=r"evil\.ckpt: not a readable LoRA file"):
         load_lora(tmp_path / "evil.ckpt")
+
+
+def test_diffusers_convert_state_dict_to_kohya_output_reads_to_the_peft_factors(tiny_fp32):
+    """Written by diffusers' own converter (PEFT → kohya, as A1111/ComfyUI exporters use it), not re-spelled by us.
+    Under transformers ≥ 5.6 it writes `lora_te1_encoder_layers_…` (no `text_model.`); both spellings read."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from lora_loom.lora_core.sd15_models import build_components
+
+    model = build_components("tiny-sd15", seed=0)
+    torch.manual_seed(5)
+    unet_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_in", "ff.net.2"])
+    te_config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["k_proj", "fc2"])
+    inject_adapter_in_model(unet_config, model.unet)
+    inject_adapter_in_model(te_config, model.text_encoder)
+    peft_state = {
+        **{f"unet.{k}": v for k, v in get_peft_model_state_dict(model.unet).items()},
+        **{f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(model.text_encoder).items()},
+    }
+    kohya = convert_state_dict_to_kohya(peft_state)
+    assert any(k.startswith("lora_te1_") for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
+
+    lora = parse_lora(kohya, source="diffusers-kohya")
+    assert not lora.report.not_understood, lora.report.summary()
+    assert lora.report.matched == {"unet": 16 * 4, "text_encoder": 12 * 2}  # to_q ×2, proj_in, ff.net.2 per block
+    for key, tensor in peft_state.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].replace("text_encoder.", "text_encoder.text_model.", 1)
+        module = module.replace("text_model.text_model.", "text_model.")  # transformers < 5.6 already has it
+        adapter = lora.adapters[module]
+        assert torch.equal(adapter.down.flatten(1), tensor.flatten(1)), module
+        assert torch.equal(adapter.up.flatten(1), peft_state[key.replace(".lora_A.", ".lora_B.")].flatten(1))
+        assert adapter.scale == 1.0  # the converter writes alpha = rank

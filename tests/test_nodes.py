@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_loom.lora_core.sd15_models import config_dir
-from lora_loom.lora_core.sd_base import BUILT_IN_TINY
+from lora_loom.lora_core.sd_base import BUILT_IN_TINY, built_in_tiny_checkpoint
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
 from lora_loom.nodes import impl, paths
 
@@ -151,3 +151,89 @@ def test_ckpt_checkpoints_load_with_safe_unpickling_only(models, tmp_path):
     torch.save({"state_dict": state, "callback": print}, models / "checkpoints" / "evil.ckpt")  # code in a pickle
     with pytest.raises(Exception, match=r"evil\.ckpt: not a readable checkpoint"):
         impl.load_base("evil.ckpt")
+
+
+@pytest.mark.parametrize("save_name", ["../escape", "sub/../../escape", "<absolute>", "link/escape"])
+def test_fuse_lora_refuses_save_names_outside_the_checkpoints_folder(models, tmp_path, save_name):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    save_name = save_name.replace("<absolute>", str(outside / "escape"))
+    link = models / "checkpoints" / "link"
+    if not link.exists():
+        link.symlink_to(outside, target_is_directory=True)  # inside by name, outside for real
+    before = sorted(p.name for p in models.rglob("*"))
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    with pytest.raises(ValueError, match="leaves the checkpoints folder"):
+        impl.fuse_lora(base.with_lora(impl.load_lora("style1.safetensors")["result"][0], 1.0, 1.0), save_name)
+    assert sorted(p.name for p in models.rglob("*")) == before
+    assert list(outside.iterdir()) == [] and not (models.parent / "escape.safetensors").exists()
+
+
+def test_fusing_over_the_file_a_loaded_base_restores_from_keeps_that_base_exact(models):
+    """FuseLoRA saving over the very checkpoint a base was loaded from: the file is replaced by a rename, so the
+    loaded base still re-reads the *old* W0 (its open mapping) and restores bit-exactly, with no copies."""
+    import shutil
+
+    shutil.copy(built_in_tiny_checkpoint(), models / "checkpoints" / "overwrite-me.safetensors")
+    base = impl.load_base("overwrite-me.safetensors")[0]
+    components = base.model.components
+    original = {k: v.clone() for k, v in components.unet.state_dict().items()}
+    style = impl.load_lora("style1.safetensors")["result"][0]
+    impl.fuse_lora(base.with_lora(style, 1.0, 1.0), "overwrite-me")  # replaces the file base reads W0 from
+    base.activate()  # back to no LoRA: W0 re-read from the (old, still mapped) file
+    assert base.model.engine.restore_overhead_bytes == 0
+    assert all(torch.equal(v, original[k]) for k, v in components.unet.state_dict().items())
+    reloaded = impl.load_base("overwrite-me.safetensors")[0]  # the new file holds the fused weights
+    changed = [k for k, v in reloaded.model.components.unet.state_dict().items() if not torch.equal(v, original[k])]
+    assert len(changed) == 192  # every LoRA target, nothing else
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not-sd15"])
+def test_load_base_names_the_file_for_corrupt_and_foreign_checkpoints(models, damage):
+    from lora_loom.lora_core.sd_base import BaseLoadError
+
+    path = models / "checkpoints" / f"{damage}.safetensors"
+    whole = built_in_tiny_checkpoint().read_bytes()
+    content = {
+        "truncated": whole[: len(whole) // 2],
+        "garbage": b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+        "empty": b"",
+    }.get(damage)
+    if content is None:
+        save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(path))  # a LoRA, not a checkpoint
+    else:
+        path.write_bytes(content)
+    with pytest.raises(BaseLoadError, match=rf"{damage}\.safetensors"):
+        impl.load_base(f"{damage}.safetensors")
+
+
+def test_loaders_run_again_when_their_file_is_replaced_under_the_same_name(models, tmp_path):
+    from lora_loom.runner.defaults import default_classes, default_schemas
+    from lora_loom.runner.execute import Runner
+
+    classes = default_classes(tmp_path / "out", tmp_path / "temp")
+    runner = Runner(default_schemas(classes), classes, progress=False, models_dir=models)
+    settings = {**SMALL, "steps": 1, "batch_size": 1, "sampler_name": "euler", "scheduler": "normal"}
+    prompt = {
+        "1": {"class_type": "LoadBase", "inputs": {"ckpt_name": BUILT_IN_TINY, "dtype": "auto"}},
+        "2": {"class_type": "LoadLoRA", "inputs": {"lora_name": "swap.safetensors"}},
+        "3": {
+            "class_type": "ApplyLoRA",
+            "inputs": {"base": ["1", 0], "lora": ["2", 0], "strength_unet": 1.0, "strength_text_encoder": 1.0},
+        },  # fmt: skip
+        "4": {
+            "class_type": "Sampler",
+            "inputs": {"base": ["3", 0], "prompt": "x", "negative_prompt": "", "seed": 1, **settings},
+        },  # fmt: skip
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
+    base = impl.load_base(BUILT_IN_TINY)[0]
+    parts = {"unet": base.model.components.unet, "text_encoder": base.model.components.text_encoder}
+    lora_file = models / "loras" / "swap.safetensors"
+    save_file(random_kohya_lora(parts, kohya_targets("attention"), seed=5, scale=0.3), str(lora_file))
+    first = runner.run(prompt)
+    assert sorted(first.executed) == ["1", "2", "3", "4", "5"]
+    assert runner.run(prompt).executed == []  # nothing changed: all cached
+    save_file(random_kohya_lora(parts, kohya_targets("attention"), seed=6, scale=0.3), str(lora_file))
+    third = runner.run(prompt)
+    assert sorted(third.executed) == ["2", "3", "4", "5"] and third.cached == ["1"]

@@ -222,3 +222,38 @@ def test_restore_without_a_file_keeps_copies_only_of_patched_weights():
     engine.apply([PatchEntry(lora, 1.0, 1.0)])
     patched_bytes = sum(engine.parameter(t)[2].numel() * engine.parameter(t)[2].element_size() for t in lora.adapters)
     assert engine.restore_overhead_bytes == patched_bytes
+
+
+@pytest.mark.parametrize("kind", ["locon-3x3", "tucker-mid", "1x1-proj_in"])
+def test_conv_loras_patch_what_their_layers_compute(kind):
+    """Reference: the LoRA as the layers its file describes (down conv → [mid conv] → up conv, as kohya's LoCon
+    module runs them), applied to a random input in float64 — not a formula for the weight."""
+    import torch.nn.functional as F
+
+    model = fresh_tiny()
+    target = (
+        "unet.down_blocks.0.attentions.0.proj_in" if kind == "1x1-proj_in" else "unet.down_blocks.1.resnets.0.conv1"
+    )
+    w0 = weight(model, target).detach().clone()
+    out_ch, in_ch, kh, kw = w0.shape
+    g = torch.Generator().manual_seed(7)
+    up = torch.randn(out_ch, 3, 1, 1, generator=g) * 0.1
+    if kind == "tucker-mid":
+        down, mid = torch.randn(3, in_ch, 1, 1, generator=g) * 0.1, torch.randn(3, 3, kh, kw, generator=g) * 0.1
+    else:
+        down, mid = torch.randn(3, in_ch, kh, kw, generator=g) * 0.1, None
+    adapter = LoRAAdapter(up=up, down=down, mid=mid, alpha=1.5)
+    engine = engine_for(model)
+    engine.apply([PatchEntry(LoRA(kind, {target: adapter}, LoadReport("mem")), 0.8, 1.0)])
+    live = weight(model, target).detach()
+
+    x = torch.randn(2, in_ch, 9, 9, generator=g, dtype=torch.float64)
+    padding = kh // 2
+    hidden = F.conv2d(x, down.double(), padding=0 if mid is not None else padding)
+    if mid is not None:
+        hidden = F.conv2d(hidden, mid.double(), padding=padding)
+    lora_out = F.conv2d(hidden, up.double())
+    expected = F.conv2d(x, w0.double(), padding=padding) + 0.8 * (1.5 / 3) * lora_out
+    torch.testing.assert_close(F.conv2d(x, live.double(), padding=padding), expected, rtol=1e-5, atol=1e-6)
+    engine.restore()
+    assert torch.equal(weight(model, target), w0)

@@ -381,6 +381,11 @@ def test_all_input_errors_are_collected():
     ]
 
 
+def test_a_node_linked_to_itself_is_a_cycle():
+    prompt = {"1": {"class_type": "Add", "inputs": {"a": ["1", 0]}}, "2": show("1")}
+    assert problems_of(prompt) == ["node 1 (Add), input 'a': dependency cycle: 1 (Add) -> 1 (Add)"]
+
+
 def test_cycle():
     prompt = {
         "1": {"class_type": "Add", "inputs": {"a": ["2", 0]}},
@@ -497,6 +502,20 @@ def test_save_image_path_counter_and_subfolders(tmp_path):
     assert folder == tmp_path / "a" / "b" and folder.is_dir() and counter == 1 and subfolder == "a/b"
     with pytest.raises(ValueError, match="outside the output folder"):
         save_image_path("../escape", tmp_path)
+
+
+def test_save_image_path_refuses_absolute_prefixes_and_symlinks_that_lead_out(tmp_path):
+    output, elsewhere = tmp_path / "output", tmp_path / "elsewhere"
+    output.mkdir()
+    elsewhere.mkdir()
+    (output / "link").symlink_to(elsewhere, target_is_directory=True)  # textually inside, really outside
+    for prefix in ("link/img", "link/deeper/img", str(elsewhere / "img"), "a/../../elsewhere/img"):
+        with pytest.raises(ValueError, match="outside the output folder"):
+            save_image_path(prefix, output)
+    assert list(elsewhere.iterdir()) == []  # nothing was created there
+    (output / "inside").mkdir()
+    (output / "alias").symlink_to(output / "inside", target_is_directory=True)  # a link that stays inside is fine
+    assert save_image_path("alias/img", output)[2] == 1
 
 
 def test_save_image_writes_pngs_with_prompt_and_workflow(tmp_path):

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,9 +14,25 @@ MICRO = train.Recipe(
 )
 
 
-def test_interrupted_and_resumed_training_gives_the_same_weights(tmp_path):
-    straight = tmp_path / "straight"
-    assert train.run(straight, MICRO, "all", straight / "base.safetensors")
+OTHER_SEED = train.Recipe(**{**MICRO.__dict__, "seed": 1})
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The micro recipe trained once, uninterrupted, through every stage and exported (shared by the tests)."""
+    folder = tmp_path_factory.mktemp("straight")
+    assert train.run(folder, MICRO, "all", folder / "base.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_only_other_seed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("other-seed")
+    assert train.run(folder, OTHER_SEED, "vae")
+    return folder
+
+
+def test_interrupted_and_resumed_training_gives_the_same_weights(straight, tmp_path):
     sliced = tmp_path / "sliced"
     stops = 0
     while not train.run(sliced, MICRO, "all", sliced / "base.safetensors", stop_after=3):
@@ -31,17 +48,16 @@ def test_interrupted_and_resumed_training_gives_the_same_weights(tmp_path):
     assert list(base.model.components.unet.config.block_out_channels) == [32, 64, 96, 96]
 
 
-def test_the_text_encoder_is_frozen_after_the_clip_stage_and_trained_without_it(tmp_path):
+def test_the_text_encoder_is_frozen_after_the_clip_stage_and_trained_without_it(straight, tmp_path):
     def text_encoder_of(folder):
         return torch.load(folder / "unet_state.pt", weights_only=False)["text_encoder"]
 
-    assert train.run(tmp_path / "clip", MICRO, "all")
-    clip_trained = torch.load(tmp_path / "clip" / "text_encoder_clip.pt", weights_only=True)
-    after_unet = text_encoder_of(tmp_path / "clip")
+    clip_trained = torch.load(straight / "text_encoder_clip.pt", weights_only=True)
+    after_unet = text_encoder_of(straight)
     assert all(torch.equal(clip_trained[key], after_unet[key]) for key in clip_trained)  # frozen
     seeded = train.build_models(MICRO.seed).text_encoder.state_dict()
     assert any(not torch.equal(seeded[key], clip_trained[key]) for key in seeded)  # the CLIP stage trained it
-    assert "ema_text" not in torch.load(tmp_path / "clip" / "unet_state.pt", weights_only=False)
+    assert "ema_text" not in torch.load(straight / "unet_state.pt", weights_only=False)
 
     joint = train.Recipe(**{**MICRO.__dict__, "clip_steps": 0})
     assert train.run(tmp_path / "joint", joint, "all")
@@ -50,19 +66,12 @@ def test_the_text_encoder_is_frozen_after_the_clip_stage_and_trained_without_it(
     assert any(not torch.equal(seeded[key], trained_with_unet[key]) for key in seeded)
 
 
-def test_a_different_seed_gives_different_weights_and_a_new_recipe_needs_a_new_folder(tmp_path):
-    assert train.run(tmp_path / "a", MICRO, "vae")
-    other = train.Recipe(**{**MICRO.__dict__, "seed": 1})
-    assert train.run(tmp_path / "b", other, "vae")
-    a = torch.load(tmp_path / "a" / "vae_state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "b" / "vae_state.pt", weights_only=False)["model"]
+def test_a_different_seed_gives_different_weights_and_a_new_recipe_needs_a_new_folder(straight, vae_only_other_seed):
+    a = torch.load(straight / "vae_state.pt", weights_only=False)["model"]
+    b = torch.load(vae_only_other_seed / "vae_state.pt", weights_only=False)["model"]
     assert any(not torch.equal(a[key], b[key]) for key in a)
-    try:
-        train.run(tmp_path / "a", other, "vae")
-    except SystemExit as error:
-        assert "another recipe" in str(error)
-    else:
-        raise AssertionError("a run folder accepted a different recipe")
+    with pytest.raises(SystemExit, match="another recipe"):
+        train.run(straight, OTHER_SEED, "vae")
 
 
 def test_latent_rescaling_is_exact_and_gives_sd15_scale(tmp_path):
@@ -104,11 +113,6 @@ def test_loss_weight_is_min_snr_with_the_x0_weight_floored():
     assert plain[-1] == 1.0 and floored[-1] > 200
 
 
-def test_the_unet_stage_asks_for_the_clip_stage_first(tmp_path):
-    assert train.run(tmp_path, MICRO, "vae")
-    try:
-        train.run(tmp_path, MICRO, "unet")
-    except SystemExit as error:
-        assert "--stage clip" in str(error)
-    else:
-        raise AssertionError("the U-Net stage ran without the CLIP stage's text encoder")
+def test_the_unet_stage_asks_for_the_clip_stage_first(vae_only_other_seed):
+    with pytest.raises(SystemExit, match="--stage clip"):
+        train.run(vae_only_other_seed, OTHER_SEED, "unet")
