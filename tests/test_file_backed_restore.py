@@ -7,7 +7,7 @@ from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
 from lora_loom.lora_core.sd15_models import build_components, load_single_file, save_single_file
 from lora_loom.lora_core.weight_source import FileWeightSource
 
-from util import assert_bitwise_equal, make_lora, state_of
+from util import assert_bitwise_equal, fail_writes_after, make_lora, state_of
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,6 @@ def test_weights_changed_after_loading_fall_back_to_a_copy(checkpoint):
 def test_failure_half_way_rolls_back_exactly_from_the_file(checkpoint, dtype, monkeypatch):
     """A write that fails after ~100 weights were already overwritten: the engine recomputes them back, re-reading
     W0 from the file (no copies exist), and the model is bitwise what it was before the call."""
-    from lora_loom.lora_core import delta as delta_module
-
     model, key_map = load_single_file(checkpoint, dtype=dtype)
     engine = PatchEngine(
         {"unet": model.unet, "text_encoder": model.text_encoder}, FileWeightSource(checkpoint, key_map)
@@ -69,15 +67,7 @@ def test_failure_half_way_rolls_back_exactly_from_the_file(checkpoint, dtype, mo
     a, b = make_lora(model, seed=11), make_lora(model, seed=12)
     engine.apply([PatchEntry(a, 1.0, 1.0)])
     before = state_of(model)
-    real, calls = delta_module.write_patched, []
-
-    def failing(*args):
-        calls.append(1)
-        real(*args)
-        if len(calls) == 100:  # fails *after* overwriting its weight
-            raise MemoryError("simulated out of memory")
-
-    monkeypatch.setattr("lora_loom.lora_core.patcher.write_patched", failing)
+    calls = fail_writes_after(monkeypatch, 100)
     with pytest.raises(MemoryError):
         engine.apply([PatchEntry(a, 0.2, 1.0), PatchEntry(b, 1.0, 1.0)])
     assert len(calls) > 100 and engine.restore_overhead_bytes == 0

@@ -9,7 +9,7 @@ from lora_loom.lora_core.lora import LoadReport, LoRA
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry, PatchError
 from lora_loom.lora_core.synthetic import kohya_targets
 
-from util import assert_bitwise_equal, fresh_tiny, make_lora, state_of
+from util import assert_bitwise_equal, fail_writes_after, fresh_tiny, make_lora, state_of
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -160,15 +160,7 @@ def test_failure_half_way_rolls_back_exactly(monkeypatch):
     engine = engine_for(model)
     engine.apply([PatchEntry(a, 1.0, 1.0)])
     before = state_of(model)
-    real, calls = delta_module.write_patched, []
-
-    def failing(*args):
-        calls.append(1)
-        real(*args)
-        if len(calls) == 100:  # fails *after* overwriting its weight
-            raise MemoryError("simulated out of memory")
-
-    monkeypatch.setattr("lora_loom.lora_core.patcher.write_patched", failing)
+    calls = fail_writes_after(monkeypatch, 100)
     with pytest.raises(MemoryError):
         engine.apply([PatchEntry(a, 0.2, 1.0), PatchEntry(b, 1.0, 1.0)])
     assert len(calls) > 100  # it did write ~99 weights, then put them back

@@ -70,3 +70,20 @@ def assert_is_the_formula(live: torch.Tensor, exact: tuple[torch.Tensor, torch.T
     error = (live.double() - value).abs()
     assert bool((error <= allowed).all()), (target, float((error / allowed).max()))
     return int((live != value.to(live.dtype)).sum()) if live.dtype != torch.float32 else 0
+
+
+def fail_writes_after(monkeypatch, count: int) -> list[int]:
+    """Make the engine's weight writes raise MemoryError right *after* the `count`-th one has overwritten its
+    weight (a failure half way through an apply); returns the list that counts the writes."""
+    from lora_loom.lora_core import delta
+
+    real, calls = delta.write_patched, []
+
+    def failing(*args):
+        calls.append(1)
+        real(*args)
+        if len(calls) == count:
+            raise MemoryError("simulated out of memory")
+
+    monkeypatch.setattr("lora_loom.lora_core.patcher.write_patched", failing)
+    return calls
