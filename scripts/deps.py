@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--venv", type=Path, help="build the venv here and keep it (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.venv is not None and args.venv.resolve() == (ROOT / ".venv").resolve():
+        parser.error("--venv must not be the repository's own .venv (it is rebuilt from scratch)")
 
     with tempfile.TemporaryDirectory(prefix="lora-loom-deps-") as scratch:
         venv = args.venv or Path(scratch) / "venv"
