@@ -39,7 +39,9 @@ import torch
 
 from lora_loom.lora_core.formats import load_lora
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
-from lora_loom.lora_core.sd15_models import (
+from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.lora_core.weight_source import FileWeightSource
+from lora_loom.sd15.models import (
     build_components,
     build_empty_components,
     load_config_dicts,
@@ -47,8 +49,6 @@ from lora_loom.lora_core.sd15_models import (
     save_single_file,
     text_encoder_is_flat,
 )
-from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
-from lora_loom.lora_core.weight_source import FileWeightSource
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = REPO_ROOT / "bench" / ".cache"
@@ -390,7 +390,7 @@ class DiffusersRunner:
     def __init__(
         self, checkpoint: Path, adapter_name: str, targets: list[str], dtype: torch.dtype | None = None
     ) -> None:
-        from lora_loom.lora_core.sampling import diffusers_pipeline
+        from lora_loom.sd15.sampling import diffusers_pipeline
 
         components, _ = load_single_file(checkpoint, dtype=dtype)
         self.pipe = diffusers_pipeline(components)  # no tokenizer needed for LoRA loading

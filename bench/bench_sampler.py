@@ -65,10 +65,10 @@ from bench_patch import (  # noqa: E402
 )
 
 from lora_loom.lora_core.formats import load_lora  # noqa: E402
-from lora_loom.lora_core.sampling import diffusers_pipeline, make_scheduler, sample  # noqa: E402
-from lora_loom.lora_core.sd15_models import load_single_file  # noqa: E402
-from lora_loom.lora_core.sd_base import SDBase, load_base  # noqa: E402
-from lora_loom.lora_core.tokenizer import load_clip_tokenizer  # noqa: E402
+from lora_loom.sd15.base import SDBase, load_base  # noqa: E402
+from lora_loom.sd15.models import load_single_file  # noqa: E402
+from lora_loom.sd15.sampling import diffusers_pipeline, make_scheduler, sample  # noqa: E402
+from lora_loom.sd15.tokenizer import load_clip_tokenizer  # noqa: E402
 
 SECTION_HEADING = "## Sampler (bench/bench_sampler.py)"
 

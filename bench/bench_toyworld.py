@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_patch import write_doc  # noqa: E402
 
-from lora_loom.lora_core.builtin import BUILT_IN_TOY  # noqa: E402
-from lora_loom.lora_core.grid import image_grid  # noqa: E402
-from lora_loom.lora_core.sampling import sample_pairs  # noqa: E402
-from lora_loom.lora_core.sd_base import load_base  # noqa: E402
+from lora_loom.sd15.base import load_base  # noqa: E402
+from lora_loom.sd15.builtin import BUILT_IN_TOY  # noqa: E402
+from lora_loom.sd15.grid import image_grid  # noqa: E402
+from lora_loom.sd15.sampling import sample_pairs  # noqa: E402
 from lora_loom.toyworld import caption, dataset, scenes, score  # noqa: E402
 
 HEADING = "## Toy-world base quality (bench/bench_toyworld.py)"

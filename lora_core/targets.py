@@ -12,8 +12,8 @@ import functools
 import torch
 from torch import nn
 
-from . import sd15_keys
-from .sd15_models import config_dir
+from ..sd15 import keys as sd15_keys
+from ..sd15.models import config_dir
 
 # diffusers' old attention-processor LoRA names (`…attn1.processor.to_q_lora.up.weight`): the
 # parser strips `_lora.up.weight`, leaving `…attn1.processor.to_q`.

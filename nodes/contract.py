@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..lora_core.sampling import SAMPLERS, SCHEDULES
+from ..sd15.sampling import SAMPLERS, SCHEDULES
 from .paths import checkpoint_choices, lora_choices
 from .schema import Input, NodeSchema, Output
 

@@ -19,7 +19,7 @@ def _device():
 
 
 def load_base(ckpt_name: str, dtype: str = "auto"):
-    from ..lora_core.sd_base import load_base as core_load_base
+    from ..sd15.base import load_base as core_load_base
 
     if ckpt_name in BUILT_IN_BASES:
         source = ckpt_name
@@ -64,7 +64,7 @@ def fuse_lora(base, save_name: str = "", save_fp16: bool = False):
 
 
 def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, scheduler, width, height, batch_size):
-    from ..lora_core.sampling import sample
+    from ..sd15.sampling import sample
 
     update, close = step_progress(steps, "Sampler")
     try:
@@ -88,8 +88,8 @@ def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, sched
 
 
 def image_grid(row_1, row_labels: str = "", upscale: int = 2, **more_rows):
-    from ..lora_core.grid import image_grid as core_image_grid
-    from ..lora_core.grid import pil_to_image_batch
+    from ..sd15.grid import image_grid as core_image_grid
+    from ..sd15.grid import pil_to_image_batch
 
     rows = [row_1] + [more_rows[name] for name in sorted(more_rows) if more_rows[name] is not None]
     labels = [line.strip() for line in row_labels.splitlines()]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..lora_core.builtin import BUILT_IN_TINY, BUILT_IN_TOY
+from ..sd15.builtin import BUILT_IN_TINY, BUILT_IN_TOY
 
 # The first entry is the editor's default choice.
 BUILT_IN_BASES = (BUILT_IN_TOY, BUILT_IN_TINY)

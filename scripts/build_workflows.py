@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lora_loom.lora_core.builtin import BUILT_IN_TOY
 from lora_loom.nodes.contract import CORE_NODES, NODES
+from lora_loom.sd15.builtin import BUILT_IN_TOY
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 SCHEMAS = {schema.node_id: schema for schema in NODES + CORE_NODES}

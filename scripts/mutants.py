@@ -36,14 +36,14 @@ class Mutant:
 MUTANTS = (
     Mutant(
         "a sampler name mapped to another (lms → euler)",
-        "lora_core/sampling.py",
+        "sd15/sampling.py",
         '"lms": diffusers.LMSDiscreteScheduler,',
         '"lms": diffusers.EulerDiscreteScheduler,',
         ("tests/test_sampler_reference.py",),
     ),
     Mutant(
         "karras dropped",
-        "lora_core/sampling.py",
+        "sd15/sampling.py",
         'options["use_karras_sigmas"] = True',
         "pass",
         ("tests/test_sampler_reference.py",),

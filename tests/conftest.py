@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lora_loom.lora_core.sd15_models import build_components
+from lora_loom.sd15.models import build_components
 
 torch.set_num_threads(2)
 

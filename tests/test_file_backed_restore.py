@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
-from lora_loom.lora_core.sd15_models import build_components, load_single_file, save_single_file
 from lora_loom.lora_core.weight_source import FileWeightSource
+from lora_loom.sd15.models import build_components, load_single_file, save_single_file
 
 from util import assert_bitwise_equal, fail_writes_after, make_lora, state_of
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_loom.lora_core import sd15_keys
 from lora_loom.lora_core.formats import LoRAFormatError, load_lora, parse_lora
 from lora_loom.lora_core.synthetic import kohya_name, kohya_targets, random_kohya_lora
+from lora_loom.sd15 import keys as sd15_keys
 
 from util import make_lora
 
@@ -210,7 +210,7 @@ def test_diffusers_convert_state_dict_to_kohya_output_reads_to_the_peft_factors(
     from peft import LoraConfig, inject_adapter_in_model
     from peft.utils import get_peft_model_state_dict
 
-    from lora_loom.lora_core.sd15_models import build_components
+    from lora_loom.sd15.models import build_components
 
     model = build_components("tiny-sd15", seed=0)
     torch.manual_seed(5)

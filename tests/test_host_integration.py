@@ -9,9 +9,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_lora_core_never_imports_comfyui():
+def test_lora_core_and_sd15_never_import_comfyui():
     pattern = re.compile(r"^\s*(import|from)\s+(comfy|comfy_api|folder_paths|nodes|execution)\b", re.MULTILINE)
-    offenders = [p.name for p in (ROOT / "lora_core").rglob("*.py") if pattern.search(p.read_text())]
+    files = [*(ROOT / "lora_core").rglob("*.py"), *(ROOT / "sd15").rglob("*.py")]
+    assert len(files) > 15
+    offenders = [p.name for p in files if pattern.search(p.read_text())]
     assert offenders == []
 
 

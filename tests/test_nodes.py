@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_loom.lora_core.sd15_models import config_dir
-from lora_loom.lora_core.sd_base import BUILT_IN_TINY, built_in_tiny_checkpoint
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
 from lora_loom.nodes import impl, paths
+from lora_loom.sd15.base import BUILT_IN_TINY, built_in_tiny_checkpoint
+from lora_loom.sd15.models import config_dir
 
 SMALL = {"steps": 3, "cfg": 5.0, "width": 64, "height": 64, "batch_size": 2}
 
@@ -139,7 +139,7 @@ def test_diffusers_folder_loads_to_the_same_weights(models, tmp_path):
 
 
 def test_ckpt_checkpoints_load_with_safe_unpickling_only(models, tmp_path):
-    from lora_loom.lora_core.sd15_models import components_state_dict_ldm
+    from lora_loom.sd15.models import components_state_dict_ldm
 
     base = impl.load_base(BUILT_IN_TINY)[0]
     state = {k: v.detach().cpu().clone() for k, v in components_state_dict_ldm(base.model.components).items()}
@@ -190,7 +190,7 @@ def test_fusing_over_the_file_a_loaded_base_restores_from_keeps_that_base_exact(
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "not-sd15"])
 def test_load_base_names_the_file_for_corrupt_and_foreign_checkpoints(models, damage):
-    from lora_loom.lora_core.sd_base import BaseLoadError
+    from lora_loom.sd15.base import BaseLoadError
 
     path = models / "checkpoints" / f"{damage}.safetensors"
     whole = built_in_tiny_checkpoint().read_bytes()

@@ -7,14 +7,14 @@ import torch
 
 from lora_loom.lora_core.formats import parse_lora
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
-from lora_loom.lora_core.sd15_models import build_components, text_encoder_is_flat
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.sd15.models import build_components, text_encoder_is_flat
 
 pytest.importorskip("peft")
 
 
 def diffusers_fused(state, unet_strength, te_strength):
-    from lora_loom.lora_core.sampling import diffusers_pipeline
+    from lora_loom.sd15.sampling import diffusers_pipeline
 
     model = build_components("tiny-sd15", seed=0)
     pipe = diffusers_pipeline(model)  # diffusers' own LoRA loader does the work below

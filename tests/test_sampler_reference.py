@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from lora_loom.lora_core.builtin import BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
-from lora_loom.lora_core.sampling import SAMPLERS, SCHEDULES
-from lora_loom.lora_core.sd15_models import config_dir
-from lora_loom.lora_core.tokenizer import load_clip_tokenizer
 from lora_loom.nodes import impl
+from lora_loom.sd15.builtin import BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
+from lora_loom.sd15.models import config_dir
+from lora_loom.sd15.sampling import SAMPLERS, SCHEDULES
+from lora_loom.sd15.tokenizer import load_clip_tokenizer
 
 # ComfyUI (sampler_name, scheduler) → (diffusers class, options); by hand, see the module docstring.
 DIFFUSERS_EQUIVALENT = {

@@ -11,7 +11,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 
-from lora_loom.lora_core.sd15_keys import (
+from lora_loom.sd15.keys import (
     VAE_ATTENTION_CONV_KEYS,
     checkpoint_key,
     split_checkpoint_key,
@@ -23,7 +23,7 @@ from lora_loom.lora_core.sd15_keys import (
     vae_key_needs_reshape,
     vae_ldm_to_diffusers,
 )
-from lora_loom.lora_core.sd15_models import (
+from lora_loom.sd15.models import (
     build_components,
     build_empty_components,
     components_state_dict_ldm,

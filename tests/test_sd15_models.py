@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from lora_loom.lora_core.sd15_keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, checkpoint_key
-from lora_loom.lora_core.sd15_models import (
+from lora_loom.sd15.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, checkpoint_key
+from lora_loom.sd15.models import (
     SD15Components,
     build_components,
     build_empty_components,

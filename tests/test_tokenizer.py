@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_loom.lora_core import tokenizer as tk
+from lora_loom.sd15 import tokenizer as tk
 
 CASES = json.loads((Path(__file__).parent / "data" / "clip_token_ids.json").read_text(encoding="utf-8"))["cases"]
 

@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from lora_loom.lora_core.builtin import BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
-from lora_loom.lora_core.sampling import sample, sample_pairs
-from lora_loom.lora_core.sd15_keys import checkpoint_key, vae_key_needs_reshape
-from lora_loom.lora_core.sd15_models import config_dir
 from lora_loom.nodes import impl
+from lora_loom.sd15.builtin import BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
+from lora_loom.sd15.keys import checkpoint_key, vae_key_needs_reshape
+from lora_loom.sd15.models import config_dir
+from lora_loom.sd15.sampling import sample, sample_pairs
 from lora_loom.toyworld import analyse, caption, scenes, score
 
 from util import assert_bitwise_equal, make_lora, state_of

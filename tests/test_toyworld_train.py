@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_loom.lora_core.sd_base import load_base
+from lora_loom.sd15.base import load_base
 from lora_loom.toyworld import train
 
 MICRO = train.Recipe(

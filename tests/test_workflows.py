@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from lora_loom.demo import write_demo_files
-from lora_loom.lora_core.builtin import BUILT_IN_TOY
 from lora_loom.runner import cli
+from lora_loom.sd15.builtin import BUILT_IN_TOY
 
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 

@@ -3,8 +3,8 @@
 import torch
 
 from lora_loom.lora_core.formats import parse_lora
-from lora_loom.lora_core.sd15_models import build_components
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.sd15.models import build_components
 
 
 def state_of(components) -> dict[str, torch.Tensor]:

@@ -161,7 +161,7 @@ def _lr_lambda(warmup: int, total: int):
 
 def build_models(seed: int):
     """Seeded fresh U-Net, VAE and text encoder from the shipped toy-world config."""
-    from ..lora_core.sd15_models import build_components
+    from ..sd15.models import build_components
 
     return build_components(CONFIG_NAME, seed=seed)
 
@@ -174,7 +174,7 @@ def make_data(out: Path, recipe: Recipe) -> dict:
     path = out / "data.pt"
     if path.is_file():
         return _load(path, weights_only=True)
-    from ..lora_core.tokenizer import load_clip_tokenizer
+    from ..sd15.tokenizer import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
     images = np.empty((recipe.n_images, recipe.image_size, recipe.image_size, 3), np.uint8)
@@ -368,7 +368,7 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
 def _noise_scheduler():
     from diffusers import DDPMScheduler
 
-    from ..lora_core.sd15_models import config_dir
+    from ..sd15.models import config_dir
 
     return DDPMScheduler.from_pretrained(config_dir(CONFIG_NAME), subfolder="scheduler")
 
@@ -487,7 +487,7 @@ def train_unet(
 
 def export(out: Path, recipe: Recipe, destination: Path, dtype: torch.dtype = torch.float16) -> Path:
     """The EMA weights + rescaled VAE as one single-file LDM checkpoint (written by our key maps)."""
-    from ..lora_core.sd15_models import SD15Components, save_single_file
+    from ..sd15.models import SD15Components, save_single_file
 
     components = build_models(recipe.seed)
     components.vae.load_state_dict(_load(out / "vae_final.pt", weights_only=True))
@@ -613,7 +613,7 @@ def run(
     if stage in ("all", "unet"):
         if recipe.clip_steps and not (out / "text_encoder_clip.pt").is_file():
             raise SystemExit(f"{out}: the U-Net stage needs the CLIP stage's text encoder; run --stage clip first")
-        from ..lora_core.sd15_models import load_config_dicts
+        from ..sd15.models import load_config_dicts
 
         scaling_factor = load_config_dicts(CONFIG_NAME)[1]["scaling_factor"]
         started = time.perf_counter()

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .sd15_keys import (
+from .keys import (
     COMPONENT_NAMES,
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,

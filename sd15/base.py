@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ..lora_core.lora import LoRA
+from ..lora_core.patcher import PatchEngine, PatchEntry, PatchSet, PatchStats
+from ..lora_core.weight_source import FileWeightSource
 from .builtin import BUILT_IN_TINY, BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
-from .lora import LoRA
-from .patcher import PatchEngine, PatchEntry, PatchSet, PatchStats
-from .sd15_models import (
+from .models import (
     SD15Components,
     build_components,
     config_dir,
@@ -28,7 +29,6 @@ from .sd15_models import (
     load_single_file,
     save_single_file,
 )
-from .weight_source import FileWeightSource
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # keep this module light: the node contract imports the names below
-    from .sd15_models import SD15Components
-    from .sd_base import SDBase
+    from .base import SDBase
+    from .models import SD15Components
 
 SAMPLERS = ("euler", "euler_ancestral", "heun", "ddim", "dpmpp_2m", "lms")
 SCHEDULES = ("normal", "karras")
