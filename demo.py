@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .files import atomic_write
 from .lora_core.formats import load_lora
 from .lora_core.patcher import PatchEngine, PatchEntry
 from .lora_core.synthetic import kohya_targets, random_kohya_lora
@@ -32,13 +33,13 @@ def write_demo_files(models_dir: Path) -> Path:
     """The tiny base as a checkpoint and the demo kohya LoRAs the shipped workflows use."""
     checkpoint = models_dir / "checkpoints" / "tiny-sd15.safetensors"
     loras = models_dir / "loras"
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    loras.mkdir(parents=True, exist_ok=True)
     seed_model = build_components("tiny-sd15", seed=0)
-    save_single_file(seed_model, checkpoint)
+    # Atomic: a running host may have these very files memory-mapped (LoadBase re-reads W0 from them).
+    atomic_write(checkpoint, lambda temporary: save_single_file(seed_model, temporary))
     parts = {"unet": seed_model.unet, "text_encoder": seed_model.text_encoder}
     for name, (scope, rank, alpha, seed) in DEMO_LORAS.items():
-        save_file(random_kohya_lora(parts, kohya_targets(scope), rank=rank, alpha=alpha, seed=seed), loras / name)
+        state = random_kohya_lora(parts, kohya_targets(scope), rank=rank, alpha=alpha, seed=seed)
+        atomic_write(loras / name, lambda temporary, state=state: save_file(state, str(temporary)))
     return checkpoint
 
 

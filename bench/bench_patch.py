@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from lora_loom.files import atomic_write
 from lora_loom.lora_core.formats import load_lora
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
@@ -198,12 +199,6 @@ def lora_path(scope: str) -> Path:
     return CACHE / f"kohya-{scope}-r{LORA_RANK}-a{LORA_ALPHA:g}-seed{LORA_SEEDS[scope]}.safetensors"
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    write(partial)
-    os.replace(partial, path)
-
-
 def prepare_files() -> None:
     """Build and save the seed-0 full-size SD1.5 checkpoint and both LoRA files, unless cached."""
     from safetensors.torch import save_file
@@ -215,7 +210,7 @@ def prepare_files() -> None:
         progress("phase 1: building full-size sd15 components (seed 0) ...")
         components = build_components("sd15", seed=0)
         progress(f"phase 1: saving {CHECKPOINT.relative_to(REPO_ROOT)} ...")
-        _write_atomically(CHECKPOINT, lambda p: save_single_file(components, p))
+        atomic_write(CHECKPOINT, lambda p: save_single_file(components, p))
         del components
         settle_memory()
         progress(f"phase 1: checkpoint written ({gib(CHECKPOINT.stat().st_size)})")
@@ -228,7 +223,7 @@ def prepare_files() -> None:
         if path.is_file():
             continue
         state = random_kohya_lora(parts, kohya_targets(scope), rank=LORA_RANK, alpha=LORA_ALPHA, seed=LORA_SEEDS[scope])
-        _write_atomically(path, lambda p, state=state: save_file(state, str(p)))
+        atomic_write(path, lambda p, state=state: save_file(state, str(p)))
         progress(f"phase 1: wrote {path.relative_to(REPO_ROOT)} ({mib(path.stat().st_size)})")
 
 

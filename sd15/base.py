@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import atomic_write, cache_dir
 from ..lora_core.lora import LoRA
 from ..lora_core.patcher import PatchEngine, PatchEntry, PatchSet, PatchStats
 from ..lora_core.weight_source import FileWeightSource
@@ -80,26 +81,12 @@ class SDBase:
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write this handle's weights as a single-file SD1.5 checkpoint (original layout).
 
-        Written to a temporary name and renamed: a loaded base may be re-reading W0 from a file of
-        the same name, which must never be truncated under it.
+        Written atomically: a loaded base may be re-reading W0 from a file of the same name, which must
+        never be truncated under it.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial")
         with self.model.lock:
             self.activate()
-            save_single_file(self.model.components, temporary, dtype=dtype)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # safetensors writes 0600; a checkpoint is a shared file
-        os.replace(temporary, path)
-        return path
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("LORA_LOOM_CACHE", Path.home() / ".cache" / "lora_loom"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+            return atomic_write(path, lambda temporary: save_single_file(self.model.components, temporary, dtype=dtype))
 
 
 def built_in_tiny_checkpoint() -> Path:
@@ -108,9 +95,7 @@ def built_in_tiny_checkpoint() -> Path:
     tag = f"torch{torch.__version__.split('+')[0]}-{hashlib.sha256(configs).hexdigest()[:10]}"
     path = cache_dir() / f"tiny-sd15-seed0-{tag}.safetensors"
     if not path.is_file():
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        save_single_file(build_components("tiny-sd15", seed=0), temporary)
-        os.replace(temporary, path)
+        atomic_write(path, lambda temporary: save_single_file(build_components("tiny-sd15", seed=0), temporary))
     return path
 
 
@@ -156,9 +141,7 @@ def _ckpt_as_safetensors(path: Path) -> Path:
         if not isinstance(state, dict):
             raise BaseLoadError(f"{path}: holds no state dict")
         tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        temporary = cached.with_name(f".{cached.name}.partial")
-        save_file(tensors, str(temporary))
-        os.replace(temporary, cached)
+        atomic_write(cached, lambda temporary: save_file(tensors, str(temporary)))
     return cached
 
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ..files import atomic_write_text, cache_root
+
 __all__ = [
     "BPE_DISTRIBUTIONS",
     "CLIP_BOS_ID",
@@ -181,29 +183,9 @@ def derive_vocab_and_merges(bpe_text: str) -> tuple[dict[str, int], list[tuple[s
     return vocab, merges  # type: ignore[return-value]
 
 
-def _cache_root() -> Path:
-    override = os.environ.get("LORA_LOOM_CACHE")
-    if override:
-        return Path(override)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "lora_loom"
-
-
 def _user_tag() -> str:
     getuid = getattr(os, "getuid", None)  # absent on Windows
     return str(getuid()) if getuid is not None else os.environ.get("USERNAME", "user")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _derived_tokenizer_dir(bpe_gz: Path) -> Path:
@@ -213,7 +195,7 @@ def _derived_tokenizer_dir(bpe_gz: Path) -> Path:
     if digest != BPE_TEXT_SHA256:
         raise ValueError(f"{bpe_gz} is not OpenAI's {BPE_FILE_NAME} (sha256 of its text {digest})")
     roots = [
-        _cache_root() / "clip_tokenizer",
+        cache_root() / "clip_tokenizer",
         Path(tempfile.gettempdir()) / f"lora_loom-{_user_tag()}" / "clip_tokenizer",
     ]
     for root in roots:
@@ -223,9 +205,9 @@ def _derived_tokenizer_dir(bpe_gz: Path) -> Path:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             vocab, merges = derive_vocab_and_merges(text)
-            _write_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+            atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
             merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-            _write_atomic(folder / "merges.txt", merges_txt)
+            atomic_write_text(folder / "merges.txt", merges_txt)
             return folder
         except OSError:
             continue  # not writable: try the next root

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..files import atomic_write
 from .scenes import caption, render, sample_scene
 
 CONFIG_NAME = "toy-world-sd15"
@@ -116,9 +116,7 @@ def _train_loop(out: Path, stage: str, total: int, state: dict, one_step, checkp
 
 
 def _save_atomic(obj, path: Path) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def _load(path: Path, weights_only: bool = False):
@@ -508,16 +506,10 @@ def export(out: Path, recipe: Recipe, destination: Path, dtype: torch.dtype = to
         "lora_loom.unet_steps_done": str(state["step"]),
         "lora_loom.train_seconds": json.dumps(timings),
     }
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(destination.name + ".partial")
-    save_single_file(
-        SD15Components(components.unet, components.vae, components.text_encoder),
-        temporary,
-        dtype=dtype,
-        metadata=metadata,
+    parts = SD15Components(components.unet, components.vae, components.text_encoder)
+    return atomic_write(
+        destination, lambda temporary: save_single_file(parts, temporary, dtype=dtype, metadata=metadata)
     )
-    os.replace(temporary, destination)
-    return destination
 
 
 def loss_chart(out: Path, width: int = 1200, height: int = 300):
