@@ -89,11 +89,11 @@ def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, sched
 
 def image_grid(row_1, row_labels: str = "", upscale: int = 2, **more_rows):
     from ..sd15.grid import image_grid as core_image_grid
-    from ..sd15.grid import pil_to_image_batch
+    from ..sd15.images import to_image_batch
 
     rows = [row_1] + [more_rows[name] for name in sorted(more_rows) if more_rows[name] is not None]
     labels = [line.strip() for line in row_labels.splitlines()]
-    return (pil_to_image_batch(core_image_grid(rows, row_labels=labels, upscale=upscale)),)
+    return (to_image_batch(core_image_grid(rows, row_labels=labels, upscale=upscale)),)
 
 
 def file_fingerprint(kind: str, name: str) -> str:

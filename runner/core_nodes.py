@@ -13,10 +13,10 @@ import random
 import string
 import time
 from pathlib import Path
-from typing import Any
 
 from ..nodes.contract import PREVIEW_IMAGE, SAVE_IMAGE
 from ..nodes.schema import NodeSchema, v1_input_types
+from ..sd15.images import to_pil
 
 
 def save_image_path(prefix: str, output_dir: str | Path, width: int = 0, height: int = 0) -> tuple[Path, str, int, str]:
@@ -65,18 +65,6 @@ def _counter_of(filename: str, name: str) -> int | None:
         return int(rest.split("_")[0])
     except ValueError:
         return 0
-
-
-def to_pil(image: Any):
-    """One IMAGE item `[H, W, C]` float in 0..1 → a PIL image (ComfyUI: clip(255 * x, 0, 255) as uint8)."""
-    import numpy as np
-    from PIL import Image
-
-    array = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image, dtype=np.float32)
-    array = np.clip(255.0 * array, 0, 255).astype(np.uint8)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    return Image.fromarray(array)
 
 
 class SaveImage:

@@ -10,12 +10,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..nodes.schema import Input, NodeSchema
+from ..nodes.schema import NodeSchema
 from .errors import Problem
+from .validate import parse_text
 from .workflow import Workflow
-
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
 
 
 @dataclass(frozen=True)
@@ -35,35 +33,6 @@ def parse_override(item: str) -> Override:
     if not sep or not dot or not node_id or not name:
         raise ValueError(f"--set {item!r}: expected NODE_ID.INPUT=VALUE, e.g. --set 3.seed=42")
     return Override(node_id, name, text)
-
-
-def parse_value(item: Input, text: str) -> Any:
-    """A command-line string as a value of the input's type; raises ValueError."""
-    if item.type == "INT":
-        try:
-            return int(text.strip(), 0)
-        except ValueError:
-            pass
-        try:
-            number = float(text)  # "1e3", "042"
-        except ValueError:
-            number = float("nan")
-        if not number.is_integer():
-            raise ValueError(f"{text!r} is not an integer")
-        return int(number)
-    if item.type == "FLOAT":
-        try:
-            return float(text)
-        except ValueError:
-            raise ValueError(f"{text!r} is not a number") from None
-    if item.type == "BOOLEAN":
-        lowered = text.strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ValueError(f"{text!r} is not a boolean (use true or false)")
-    return text  # STRING, COMBO
 
 
 def apply_overrides(
@@ -110,7 +79,7 @@ def apply_overrides(
             )
             continue
         try:
-            value = parse_value(item, override.text)
+            value = parse_text(item, override.text)
         except ValueError as error:
             problems.append(Problem(f"--set {override}: {error}", override.node_id, class_type, override.input))
             continue

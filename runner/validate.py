@@ -200,48 +200,79 @@ def _link_type_ok(output_type: str, item: Input) -> bool:
 # -------------------------------------------------------------------------------------------- values
 
 
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def parse_text(item: Input, text: str) -> Any:
+    """Text (a `--set` value, or a string in a prompt) as a value of the input's type; raises ValueError.
+
+    The one rule for text: INT takes Python literals (`42`, `0x10`) and integral floats (`1e3`), FLOAT any
+    float, BOOLEAN true/false/1/0/yes/no/on/off; STRING and COMBO keep the text."""
+    if item.type == "INT":
+        try:
+            return int(text.strip(), 0)
+        except ValueError:
+            pass
+        try:
+            number = float(text)  # "1e3", "042"
+        except ValueError:
+            number = float("nan")
+        if not number.is_integer():
+            raise ValueError(f"{text!r} is not an integer")
+        return int(number)
+    if item.type == "FLOAT":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+    if item.type == "BOOLEAN":
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError(f"{text!r} is not a boolean (use true or false)")
+    return text  # STRING, COMBO
+
+
+_KIND_NAMES = {"INT": "an INT", "FLOAT": "a FLOAT", "BOOLEAN": "a BOOLEAN", "STRING": "a STRING"}
+
+
 def convert(item: Input, value: Any) -> Any:
-    """A constant as the input's type (ComfyUI converts with int()/float()/str()/bool(); we refuse lossy cases)."""
+    """A constant as the input's type (ComfyUI converts with int()/float()/str()/bool(); we refuse lossy cases).
+    Text goes through `parse_text`, the rule the command line's `--set` uses too."""
     kind = item.type
+    if isinstance(value, str) and kind in ("INT", "FLOAT", "BOOLEAN"):
+        try:
+            return parse_text(item, value)
+        except ValueError:
+            raise ValueError(f"expects {_KIND_NAMES[kind]}, got {_short(value)}") from None
     if kind == "INT":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"expects an INT, got {_short(value)}")
-    if kind == "FLOAT":
+    elif kind == "FLOAT":
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"expects a FLOAT, got {_short(value)}")
-    if kind == "BOOLEAN":
+    elif kind == "BOOLEAN":
         if isinstance(value, bool):
             return value
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        raise ValueError(f"expects a BOOLEAN, got {_short(value)}")
-    if kind == "STRING":
+    elif kind == "STRING":
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"expects a STRING, got {_short(value)}")
-    if kind == "COMBO":
+    elif kind == "COMBO":
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return value
         raise ValueError(f"expects one of the choices, got {_short(value)}")
-    return value
+    else:
+        return value
+    raise ValueError(f"expects {_KIND_NAMES[kind]}, got {_short(value)}")
 
 
 def check_value(item: Input, value: Any, models_dir: str | Path | None = None) -> str:

@@ -9,16 +9,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .images import to_pil
+
 _BACKGROUND = (24, 24, 24)
 _TEXT = (230, 230, 230)
-
-
-def _to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
-    array = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.dtype != np.uint8:
-        # Truncate as ComfyUI's SaveImage does, so a tile is bitwise the PNG saved from the same IMAGE.
-        array = np.clip(255.0 * array, 0, 255).astype(np.uint8)
-    return Image.fromarray(array)
 
 
 def image_grid(
@@ -35,7 +29,7 @@ def image_grid(
     pictures stay crisp). Rows may have different lengths; all images must share one size."""
     if not rows or not any(len(row) for row in rows):
         raise ValueError("image_grid needs at least one image")
-    tiles = [[_to_pil(image) for image in row] for row in rows]
+    tiles = [[to_pil(image) for image in row] for row in rows]
     width, height = tiles[0][0].size
     if any(tile.size != (width, height) for row in tiles for tile in row):
         raise ValueError("image_grid: all images must have the same size")
@@ -58,8 +52,3 @@ def image_grid(
         for j, tile in enumerate(row):
             sheet.paste(tile.resize((width, height), Image.Resampling.NEAREST), (left + gap + j * (width + gap), y))
     return sheet
-
-
-def pil_to_image_batch(picture: Image.Image) -> torch.Tensor:
-    """A PIL picture as a ComfyUI IMAGE batch of one: ``[1, H, W, 3]`` float32 in 0..1."""
-    return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0)[None]

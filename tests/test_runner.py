@@ -627,3 +627,28 @@ def test_cli_with_the_real_contract_reports_a_missing_lora(tmp_path, capsys, mon
     )
     assert "node 2 (PreviewImage), input 'images': type mismatch" in err
     assert LOAD_LORA.node_id == "LoadLoRA"
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "value"),
+    [("INT", "0x10", 16), ("INT", "1e3", 1000), ("INT", " 42 ", 42), ("FLOAT", "-2.5", -2.5), ("BOOLEAN", "yes", True),
+     ("BOOLEAN", "0", False), ("STRING", "a=b", "a=b")],
+)  # fmt: skip
+def test_text_means_the_same_on_the_command_line_and_in_a_prompt(kind, text, value):
+    """One coercion rule: `--set` text and a string constant in an API prompt give the same value."""
+    from lora_loom.runner.validate import convert, parse_text
+
+    item = Input("x", kind)
+    assert parse_text(item, text) == value
+    assert convert(item, text) == value
+    assert type(convert(item, text)) is type(value)
+
+
+def test_text_that_is_not_the_type_is_refused_the_same_way_in_both():
+    from lora_loom.runner.validate import convert, parse_text
+
+    for kind, text in (("INT", "1.5"), ("INT", "abc"), ("FLOAT", "x"), ("BOOLEAN", "maybe")):
+        with pytest.raises(ValueError):
+            parse_text(Input("x", kind), text)
+        with pytest.raises(ValueError, match=f"expects an? {kind}"):
+            convert(Input("x", kind), text)

@@ -91,7 +91,7 @@ def test_ab_strength_zero_equals_the_plain_base_and_one_differs(shipped_runs):
     """The A/B workflow's strength-0 branch is pixel for pixel the base with no LoRA (rendered here by the
     Sampler node on a fresh LoadBase, with the workflow's own settings); the strength-1 branch is not."""
     from lora_loom.nodes import impl
-    from lora_loom.runner.core_nodes import to_pil
+    from lora_loom.sd15.images import to_pil
 
     _, out = shipped_runs["ab_strength"]
     ui = json.loads(next(p for p in WORKFLOWS if p.stem == "ab_strength").read_text())
