@@ -39,6 +39,7 @@ import torch
 
 from lora_loom.files import atomic_write
 from lora_loom.lora_core.formats import load_lora
+from lora_loom.lora_core.lora import target_module
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
 from lora_loom.lora_core.weight_source import FileWeightSource
@@ -48,7 +49,6 @@ from lora_loom.sd15.models import (
     load_config_dicts,
     load_single_file,
     save_single_file,
-    text_encoder_is_flat,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -173,11 +173,7 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 
 def model_weight(parts: dict[str, torch.nn.Module], target: str) -> torch.Tensor:
     """The live weight of a canonical target; under PEFT, the wrapped base layer's weight."""
-    component, path = target.split(".", 1)
-    model = parts[component]
-    if component == "text_encoder" and text_encoder_is_flat(model):
-        path = path.removeprefix("text_model.")
-    module = model.get_submodule(path)
+    module = target_module(parts, target)
     module = getattr(module, "base_layer", module)
     return module.weight
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from ..sd15.keys import text_encoder_is_flat
 from .adapters import WeightAdapter
 
 COMPONENTS = ("unet", "text_encoder")
@@ -68,6 +71,21 @@ class LoRA:
 
 def component_of(target: str) -> str:
     return target.split(".", 1)[0]
+
+
+def module_path(model: nn.Module, target: str) -> str:
+    """The path inside its component model of a canonical target (`text_encoder.text_model.…` loses its
+    `text_model.` on a flat, transformers >= 5.6, text encoder)."""
+    component, path = target.split(".", 1)
+    if component == "text_encoder" and text_encoder_is_flat(model):
+        path = path.removeprefix("text_model.")
+    return path
+
+
+def target_module(components: Mapping[str, nn.Module], target: str) -> nn.Module:
+    """The module a canonical target names in `components` ({"unet": …, "text_encoder": …})."""
+    model = components[component_of(target)]
+    return model.get_submodule(module_path(model, target))
 
 
 def fingerprint(adapters: dict[str, WeightAdapter]) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .adapters import AdapterError
 from .delta import Contribution, patched_weight, write_patched
-from .lora import LoRA, component_of
+from .lora import LoRA, component_of, module_path
 from .weight_source import FileWeightSource
 
 
@@ -166,19 +166,18 @@ class PatchEngine:
         return component, name, module.weight  # looked up each time: `.to()` may swap the tensor
 
     def _find_module(self, target: str) -> tuple[str, str, nn.Module]:
-        component, module_path = target.split(".", 1)
+        component = target.split(".", 1)[0]
         model = self.components.get(component)
         if model is None:
             raise PatchError(f"target {target}: this model has no {component}")
-        if component == "text_encoder" and not hasattr(model, "text_model"):
-            module_path = module_path.removeprefix("text_model.")  # transformers >= 5.6 layout
+        path = module_path(model, target)
         try:
-            module = model.get_submodule(module_path)
+            module = model.get_submodule(path)
         except AttributeError:
-            raise PatchError(f"target {target}: this model has no module '{module_path}'") from None
+            raise PatchError(f"target {target}: this model has no module '{path}'") from None
         if not isinstance(getattr(module, "weight", None), torch.Tensor):
-            raise PatchError(f"target {target}: module '{module_path}' has no weight")
-        return component, f"{module_path}.weight", module
+            raise PatchError(f"target {target}: module '{path}' has no weight")
+        return component, f"{path}.weight", module
 
     def _check(self, targets: list[str], desired: Mapping[str, Stages], layers: Sequence[PatchSet]) -> None:
         for target in targets:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .lora import target_module
 from .targets import sd15_modules
 
 _UNET_ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
@@ -50,11 +51,7 @@ def random_kohya_lora(
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for target in targets:
-        component, path = target.split(".", 1)
-        model = components[component]
-        if component == "text_encoder" and not hasattr(model, "text_model"):
-            path = path.removeprefix("text_model.")
-        weight = model.get_submodule(path).weight
+        weight = target_module(components, target).weight
         out_features, in_features = weight.shape[0], weight.shape[1]
         kernel = tuple(weight.shape[2:])
         name = kohya_name(target)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..sd15 import keys as sd15_keys
+from ..sd15.keys import text_encoder_is_flat
 from ..sd15.models import config_dir
 
 # diffusers' old attention-processor LoRA names (`…attn1.processor.to_q_lora.up.weight`): the
@@ -36,7 +37,7 @@ def sd15_modules() -> dict[str, list[str]]:
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
         text = CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json"))
     text_names = _linear_and_conv_names(text)
-    if not hasattr(text, "text_model"):  # transformers >= 5.6: canonical keys keep `text_model.`
+    if text_encoder_is_flat(text):  # transformers >= 5.6: canonical keys keep `text_model.`
         text_names = [f"text_model.{name}" for name in text_names]
     return {
         "unet": _linear_and_conv_names(unet),

@@ -421,6 +421,11 @@ def _unknown_text_encoder_name(name: str) -> KeyError:
     )
 
 
+def text_encoder_is_flat(text_encoder: object) -> bool:
+    """True if a CLIPTextModel has no ``text_model`` level (transformers >= 5.6 flattened it)."""
+    return not hasattr(text_encoder, "text_model")
+
+
 def text_encoder_ldm_to_transformers(name: str, flat: bool) -> str:
     """Text encoder name, checkpoint spelling (``text_model.…``) -> the CLIPTextModel's own spelling.
 

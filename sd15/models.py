@@ -31,6 +31,7 @@ from .keys import (
     VAE_PREFIX,
     checkpoint_key,
     split_checkpoint_key,
+    text_encoder_is_flat,
     text_encoder_transformers_to_ldm,
     vae_key_needs_reshape,
 )
@@ -117,11 +118,6 @@ def build_components(
         torch.nn.Module.to(module, device=device, dtype=dtype)
         module.eval()
     return components
-
-
-def text_encoder_is_flat(text_encoder: torch.nn.Module) -> bool:
-    """True if the CLIPTextModel has no ``text_model.`` level in its state dict (transformers >= 5.6)."""
-    return not any(name.startswith("text_model.") for name in text_encoder.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------
