@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .lora import target_module
-from .targets import sd15_modules
+from .targets import kohya_name, sd15_modules
 
 _UNET_ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
 _UNET_TRANSFORMER_EXTRA = (".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out")
@@ -28,13 +28,6 @@ def kohya_targets(scope: str = "all") -> list[str]:
     unet = [f"unet.{n}" for n in modules["unet"] if ".attentions." in n and n.endswith(unet_suffixes)]
     text = [f"text_encoder.{n}" for n in modules["text_encoder"] if n.endswith(te_suffixes)]
     return unet + text
-
-
-def kohya_name(target: str) -> str:
-    """kohya module name of a canonical target (`text_model.` spelling for the text encoder)."""
-    component, path = target.split(".", 1)
-    prefix = "lora_unet_" if component == "unet" else "lora_te_"
-    return prefix + path.replace(".", "_")
 
 
 def random_kohya_lora(

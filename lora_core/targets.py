@@ -8,6 +8,7 @@ and the LDM names come from the SD1.5 key maps, so it covers every Linear and Co
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ def sd15_modules() -> dict[str, list[str]]:
 def _unet_aliases(name: str) -> list[str]:
     ldm = sd15_keys.unet_diffusers_to_ldm(name)
     aliases = [
-        "lora_unet_" + name.replace(".", "_"),  # kohya / A1111
+        kohya_name("unet." + name),  # kohya / A1111
         "lora_unet_" + ldm.replace(".", "_"),  # kohya files named after LDM paths
         "lycoris_" + name.replace(".", "_"),  # LyCORIS' own naming of diffusers paths
         "unet." + name,  # diffusers
@@ -87,15 +88,32 @@ def _text_encoder_aliases(name: str) -> list[str]:
     return aliases
 
 
+def kohya_name(target: str) -> str:
+    """The kohya / A1111 module name of a canonical target, as kohya's sd-scripts writes it for SD1.5:
+    `lora_unet_<diffusers path>`, `lora_te_text_model_<path>` (with `text_model.` whatever transformers
+    version wrote it: the spelling every kohya reader maps)."""
+    component, path = target.split(".", 1)
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component]
+    return prefix + path.replace(".", "_")
+
+
+def build_alias_table(spellings: Iterable[tuple[str, list[str]]]) -> dict[str, str]:
+    """{alias: target} from (target, its aliases); an alias claimed by two targets is an error (a file
+    naming it could not be read unambiguously)."""
+    table: dict[str, str] = {}
+    for target, aliases in spellings:
+        for alias in aliases:
+            other = table.setdefault(alias, target)
+            if other != target:
+                raise ValueError(f"the LoRA module name {alias!r} would name both {other} and {target}")
+    return table
+
+
 @functools.cache
 def alias_table() -> dict[str, str]:
-    """{any known spelling of a module: canonical target key}."""
-    table: dict[str, str] = {}
+    """{any known spelling of a module: canonical target key}; the writer's `kohya_name` is one of them."""
     modules = sd15_modules()
-    for name in modules["unet"]:
-        for alias in _unet_aliases(name):
-            table.setdefault(alias, "unet." + name)
-    for name in modules["text_encoder"]:
-        for alias in _text_encoder_aliases(name):
-            table.setdefault(alias, "text_encoder." + name)
-    return table
+    return build_alias_table(
+        [(f"unet.{name}", _unet_aliases(name)) for name in modules["unet"]]
+        + [(f"text_encoder.{name}", _text_encoder_aliases(name)) for name in modules["text_encoder"]]
+    )

@@ -119,6 +119,20 @@ MUTANTS = (
         ("tests/test_file_backed_restore.py",),
     ),
     Mutant(
+        "writer stores rsLoRA's alpha as is (kohya readers would get alpha/r, not alpha/sqrt(r))",
+        "lora_core/writer.py",
+        "return adapter.scale * adapter.rank",
+        "return adapter.alpha",
+        ("tests/test_writer.py",),
+    ),
+    Mutant(
+        "writer names the text encoder without text_model. (what A1111 and ComfyUI do not map)",
+        "lora_core/targets.py",
+        'return prefix + path.replace(".", "_")',
+        'return prefix + path.removeprefix("text_model.").replace(".", "_")',
+        ("tests/test_writer.py", "tests/test_comfyui_files.py"),
+    ),
+    Mutant(
         "installs bypass the lock (README test command without -c requirements.lock)",
         "README.md",
         'pip install -q torch==2.13.0 -c requirements.lock -e ".[test]"',

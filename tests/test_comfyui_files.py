@@ -133,3 +133,14 @@ def test_comfyui_trainer_diff_and_bias_deltas_are_reported_not_dropped_silently(
     extra = {key for key in state if key.endswith((".diff", ".diff_b"))}
     assert len(extra) == 404
     assert {key for keys in comfy_trained.report.not_understood.values() for key in keys} == extra
+
+
+def test_the_names_our_writer_uses_are_names_comfyui_reads_to_the_same_module(target_of_checkpoint_key):
+    from lora_loom.lora_core.targets import kohya_name, sd15_modules
+
+    target_of = {**KEY_MAP["unet"], **KEY_MAP["clip"]}
+    modules = sd15_modules()
+    for target in [f"unet.{n}" for n in modules["unet"]] + [f"text_encoder.{n}" for n in modules["text_encoder"]]:
+        comfy_key = target_of.get(kohya_name(target))
+        assert comfy_key is not None, kohya_name(target)
+        assert target_of_checkpoint_key[checkpoint_key(comfy_key)] == target
