@@ -47,6 +47,10 @@ class LoRA:
     `text_encoder.text_model.<transformers module path>` — to its adapter.
     `fingerprint` is a digest of the tensors: the engine sums stacked LoRAs in fingerprint order, so
     the same patch set gives bitwise the same weights whatever order it was built in.
+
+    Immutable once made: the engine caches each adapter's factors and tells patch sets apart by adapter
+    identity. To change factors (training), take `trainable.TrainableLoRA.from_lora(lora)` and `freeze()` it
+    into a new LoRA.
     """
 
     name: str

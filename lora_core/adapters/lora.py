@@ -40,6 +40,7 @@ class LoRAAdapter(WeightAdapter):
         if mid is not None and (mid.ndim != 4 or mid.shape[0] != self.rank or mid.shape[1] != self.rank):
             raise AdapterError(f"LoRA mid {tuple(mid.shape)} does not match rank {self.rank}")
         self.alpha = float(self.rank if alpha is None else alpha)
+        self.rank_scaling = rank_scaling
         denominator = math.sqrt(self.rank) if rank_scaling == "sqrt" else self.rank
         self.scale = self.alpha / denominator
         self._factors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
