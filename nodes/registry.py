@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from .contract import NODES
 from .impl import CHANGE_CHECKS, IMPLEMENTATIONS
-from .schema import NodeSchema, v1_input_types
+from .schema import NodeSchema, grad_mode, v1_input_types
 
 
 def v1_class(schema: NodeSchema, function: Callable, changed: Callable | None = None) -> type:
@@ -16,6 +16,9 @@ def v1_class(schema: NodeSchema, function: Callable, changed: Callable | None = 
         return v1_input_types(schema)
 
     def execute(self, **inputs):
+        if schema.needs_grad:  # the host runs every node under inference mode; a training node steps out
+            with grad_mode(schema):
+                return function(**inputs)
         return function(**inputs)
 
     attributes = {}

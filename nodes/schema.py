@@ -7,7 +7,8 @@ validation and the UI→API workflow conversion, so the three can never disagree
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,9 @@ class NodeSchema:
     inputs: tuple[Input, ...]
     outputs: tuple[Output, ...] = ()
     output_node: bool = False
+    # The node trains: it runs with autograd on, outside `torch.inference_mode()` (which the host and the
+    # runner use for every other node; tensors made there cannot be saved for backward).
+    needs_grad: bool = False
 
     def input(self, name: str) -> Input:
         for item in self.inputs:
@@ -94,3 +98,16 @@ def v1_input_types(schema: NodeSchema) -> dict[str, dict[str, tuple]]:
             options["tooltip"] = item.tooltip
         section[item.name] = (item.type, options) if options else (item.type,)
     return result
+
+
+@contextlib.contextmanager
+def grad_mode(schema: NodeSchema) -> Iterator[None]:
+    """The autograd context a node runs in: autograd on for `needs_grad` nodes, inference mode otherwise."""
+    import torch
+
+    if schema.needs_grad:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    else:
+        with torch.inference_mode():
+            yield

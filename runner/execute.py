@@ -5,7 +5,7 @@ Like ComfyUI's `PromptExecutor` (`execution.py`) with its classic cache (`comfy_
 and, for each linked input, the upstream node's key and output slot. So re-running a prompt with one changed
 widget re-executes that node and its dependents only. Before each run the cache drops the entries the new
 prompt does not use (ComfyUI's `clean_unused`), so one prompt's intermediate results are kept, not a history.
-Nodes run under `torch.inference_mode()`, as in ComfyUI.
+Nodes run under `torch.inference_mode()`, as in ComfyUI, except those whose schema `needs_grad` (training).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..nodes.schema import NodeSchema
+from ..nodes.schema import NodeSchema, grad_mode
 from .errors import NodeExecutionError, ValidationFailed
 from .validate import Validation, is_link, validate_prompt
 
@@ -97,23 +97,21 @@ class Runner:
         result = RunResult(validation=validation)
         bar = _progress(len(order), self.progress)
         try:
-            import torch
-
-            with torch.inference_mode():
-                for node_id in order:
-                    class_type = work[node_id]["class_type"]
-                    bar.set_postfix_str(f"{node_id} {class_type}", refresh=False)
-                    entry = self._cache.get(keys[node_id])
-                    if entry is None:
+            for node_id in order:
+                class_type = work[node_id]["class_type"]
+                bar.set_postfix_str(f"{node_id} {class_type}", refresh=False)
+                entry = self._cache.get(keys[node_id])
+                if entry is None:
+                    with grad_mode(self.schemas[class_type]):
                         entry = self._execute(node_id, work[node_id], result.outputs, original, extra_pnginfo)
-                        self._cache[keys[node_id]] = entry
-                        result.executed.append(node_id)
-                    else:
-                        result.cached.append(node_id)
-                    result.outputs[node_id] = entry.outputs
-                    if entry.ui is not None:
-                        result.ui[node_id] = entry.ui
-                    bar.update(1)
+                    self._cache[keys[node_id]] = entry
+                    result.executed.append(node_id)
+                else:
+                    result.cached.append(node_id)
+                result.outputs[node_id] = entry.outputs
+                if entry.ui is not None:
+                    result.ui[node_id] = entry.ui
+                bar.update(1)
         finally:
             bar.close()
         result.seconds = time.perf_counter() - start

@@ -50,6 +50,11 @@ class LoadedModel:
     tokenizer_source: str | None = None
     lock: threading.RLock = field(default_factory=threading.RLock)
 
+    def __post_init__(self) -> None:
+        # The base is frozen: only LoRA factors are ever trained on it (and the engine writes weights in place).
+        for _, module in self.components.items():
+            module.requires_grad_(False)
+
     @property
     def scheduler_config(self) -> dict:
         return json.loads((config_dir("sd15") / "scheduler" / "scheduler_config.json").read_text())
@@ -156,8 +161,15 @@ def load_base(
     path = built_in_checkpoint(str(name_or_path)) or Path(name_or_path)
     if not path.exists():
         raise BaseLoadError(f"{path}: no such checkpoint")
-    if path.is_dir():
-        return _load_diffusers_folder(path, dtype, device)
+    # Normal tensors even when the host (or the runner) loads under inference mode: a training node must be
+    # able to run autograd through these frozen weights, and inference tensors cannot be saved for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        if path.is_dir():
+            return _load_diffusers_folder(path, dtype, device)
+        return _load_single_file_base(path, name_or_path, dtype, device)
+
+
+def _load_single_file_base(path: Path, name: str | os.PathLike, dtype: str, device: torch.device) -> SDBase:
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
         path = _ckpt_as_safetensors(path)
     try:
@@ -170,7 +182,7 @@ def load_base(
     engine = PatchEngine(
         {"unet": components.unet, "text_encoder": components.text_encoder}, FileWeightSource(path, key_map)
     )
-    model = LoadedModel(str(name_or_path), components, engine, torch_dtype, device)
+    model = LoadedModel(str(name), components, engine, torch_dtype, device)
     return SDBase(model)
 
 
