@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lora_loom.lora_core.state_files import load_state
 from lora_loom.sd15.base import load_base
 from lora_loom.toyworld import train
 
@@ -50,25 +51,25 @@ def test_interrupted_and_resumed_training_gives_the_same_weights(straight, tmp_p
 
 def test_the_text_encoder_is_frozen_after_the_clip_stage_and_trained_without_it(straight, tmp_path):
     def text_encoder_of(folder):
-        return torch.load(folder / "unet_state.pt", weights_only=False)["text_encoder"]
+        return load_state(folder / "unet_state.safetensors")["text_encoder"]
 
-    clip_trained = torch.load(straight / "text_encoder_clip.pt", weights_only=True)
+    clip_trained = load_state(straight / "text_encoder_clip.safetensors")
     after_unet = text_encoder_of(straight)
     assert all(torch.equal(clip_trained[key], after_unet[key]) for key in clip_trained)  # frozen
     seeded = train.build_models(MICRO.seed).text_encoder.state_dict()
     assert any(not torch.equal(seeded[key], clip_trained[key]) for key in seeded)  # the CLIP stage trained it
-    assert "ema_text" not in torch.load(straight / "unet_state.pt", weights_only=False)
+    assert "ema_text" not in load_state(straight / "unet_state.safetensors")
 
     joint = train.Recipe(**{**MICRO.__dict__, "clip_steps": 0})
     assert train.run(tmp_path / "joint", joint, "all")
-    assert not (tmp_path / "joint" / "clip_state.pt").exists()
+    assert not (tmp_path / "joint" / "clip_state.safetensors").exists()
     trained_with_unet = text_encoder_of(tmp_path / "joint")
     assert any(not torch.equal(seeded[key], trained_with_unet[key]) for key in seeded)
 
 
 def test_a_different_seed_gives_different_weights_and_a_new_recipe_needs_a_new_folder(straight, vae_only_other_seed):
-    a = torch.load(straight / "vae_state.pt", weights_only=False)["model"]
-    b = torch.load(vae_only_other_seed / "vae_state.pt", weights_only=False)["model"]
+    a = load_state(straight / "vae_state.safetensors")["model"]
+    b = load_state(vae_only_other_seed / "vae_state.safetensors")["model"]
     assert any(not torch.equal(a[key], b[key]) for key in a)
     with pytest.raises(SystemExit, match="another recipe"):
         train.run(straight, OTHER_SEED, "vae")

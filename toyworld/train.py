@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..files import atomic_write
+from ..lora_core.state_files import load_state, save_state
 from .scenes import caption, render, sample_scene
 
 CONFIG_NAME = "toy-world-sd15"
@@ -115,13 +116,8 @@ def _train_loop(out: Path, stage: str, total: int, state: dict, one_step, checkp
     return True
 
 
-def _save_atomic(obj, path: Path) -> None:
-    atomic_write(path, lambda temporary: torch.save(obj, temporary))
-
-
-def _load(path: Path, weights_only: bool = False):
-    # map_location: a run checkpointed on a GPU resumes / exports on the CPU and vice versa.
-    return torch.load(path, map_location="cpu", weights_only=weights_only)
+# Every file of a run (data, latents, resume states) is a pickle-free state file (lora_core.state_files):
+# tensors come back on the CPU, so a run checkpointed on a GPU resumes / exports on the CPU and vice versa.
 
 
 def _resume(path: Path, parts: dict, generator: torch.Generator, state: dict) -> None:
@@ -129,7 +125,7 @@ def _resume(path: Path, parts: dict, generator: torch.Generator, state: dict) ->
     the step counters from the checkpoint at ``path``, if there is one."""
     if not path.is_file():
         return
-    saved = _load(path)
+    saved = load_state(path)
     for key, part in parts.items():
         part.load_state_dict(saved[key])
     generator.set_state(saved["generator"])
@@ -139,7 +135,7 @@ def _resume(path: Path, parts: dict, generator: torch.Generator, state: dict) ->
 def _checkpoint(path: Path, parts: dict, generator: torch.Generator, state: dict) -> None:
     saved = {key: part.state_dict() for key, part in parts.items()}
     saved.update(generator=generator.get_state(), step=state["step"], elapsed=state["elapsed"])
-    _save_atomic(saved, path)
+    save_state(path, saved)
 
 
 def _log(out: Path, stage: str, step: int, loss: float, seconds: float) -> None:
@@ -168,10 +164,10 @@ def build_models(seed: int):
 
 
 def make_data(out: Path, recipe: Recipe) -> dict:
-    """Render the training scenes and tokenize their captions once (cached in ``out/data.pt``)."""
-    path = out / "data.pt"
+    """Render the training scenes and tokenize their captions once (cached in ``out/data.safetensors``)."""
+    path = out / "data.safetensors"
     if path.is_file():
-        return _load(path, weights_only=True)
+        return load_state(path)
     from ..sd15.tokenizer import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer()
@@ -190,7 +186,7 @@ def make_data(out: Path, recipe: Recipe) -> dict:
         "empty_ids": empty.to(torch.int32),
     }
     (out / "captions_sample.txt").write_text("\n".join(captions[:60]) + "\n")
-    _save_atomic(data, path)
+    save_state(path, data)
     return data
 
 
@@ -202,7 +198,7 @@ def _to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = None, device: str = "cpu") -> bool:
-    state_path = out / "vae_state.pt"
+    state_path = out / "vae_state.safetensors"
     vae = build_models(recipe.seed).vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(100, recipe.vae_steps))
@@ -239,7 +235,7 @@ def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = No
 
 def load_trained_vae(out: Path, recipe: Recipe):
     vae = build_models(recipe.seed).vae
-    vae.load_state_dict(_load(out / "vae_state.pt")["model"])
+    vae.load_state_dict(load_state(out / "vae_state.safetensors")["model"])
     return vae.eval()
 
 
@@ -265,9 +261,9 @@ def rescale_latents(vae, images: torch.Tensor, scaling_factor: float) -> float:
 
 @torch.no_grad()
 def encode_latents(out: Path, vae, images: torch.Tensor, device: str = "cpu") -> dict:
-    path = out / "latents.pt"
+    path = out / "latents.safetensors"
     if path.is_file():
-        return _load(path, weights_only=True)
+        return load_state(path)
     means, stds = [], []
     vae = vae.to(device)
     for chunk in tqdm(images.split(256), desc="encode latents", mininterval=5):
@@ -275,7 +271,7 @@ def encode_latents(out: Path, vae, images: torch.Tensor, device: str = "cpu") ->
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
     latents = {"mean": torch.cat(means), "std": torch.cat(stds)}
-    _save_atomic(latents, path)
+    save_state(path, latents)
     return latents
 
 
@@ -303,7 +299,7 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
     """
     from transformers import CLIPConfig, CLIPModel
 
-    state_path = out / "clip_state.pt"
+    state_path = out / "clip_state.safetensors"
     text_encoder = build_models(recipe.seed).text_encoder
     config = CLIPConfig(
         text_config=text_encoder.config.to_dict(),
@@ -324,10 +320,10 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
 
     def save_text_encoder() -> None:
         _text_transformer(text_encoder).load_state_dict(_text_transformer(model.text_model).state_dict())
-        _save_atomic(text_encoder.state_dict(), out / "text_encoder_clip.pt")
+        save_state(out / "text_encoder_clip.safetensors", text_encoder.state_dict())
 
     if state["step"] >= recipe.clip_steps:
-        if not (out / "text_encoder_clip.pt").is_file():
+        if not (out / "text_encoder_clip.safetensors").is_file():
             save_text_encoder()
         return True
     images, input_ids = data["images"], data["input_ids"]
@@ -408,12 +404,12 @@ def train_unet(
 ) -> bool:
     from diffusers.training_utils import EMAModel, compute_snr
 
-    state_path = out / "unet_state.pt"
+    state_path = out / "unet_state.safetensors"
     components = build_models(recipe.seed)
     unet, text_encoder = components.unet.to(device), components.text_encoder.to(device)
     joint = recipe.clip_steps == 0  # without a CLIP stage the text encoder trains here, from scratch
     if not joint:  # SD1.5's way: the CLIP-trained text encoder stays frozen
-        text_encoder.load_state_dict(_load(out / "text_encoder_clip.pt", weights_only=True))
+        text_encoder.load_state_dict(load_state(out / "text_encoder_clip.safetensors"))
         text_encoder.requires_grad_(False)
     trained = {"unet": unet, "text": text_encoder} if joint else {"unet": unet}
     parameters = [p for module in trained.values() for p in module.parameters()]
@@ -488,8 +484,8 @@ def export(out: Path, recipe: Recipe, destination: Path, dtype: torch.dtype = to
     from ..sd15.models import SD15Components, save_single_file
 
     components = build_models(recipe.seed)
-    components.vae.load_state_dict(_load(out / "vae_final.pt", weights_only=True))
-    state = _load(out / "unet_state.pt")
+    components.vae.load_state_dict(load_state(out / "vae_final.safetensors"))
+    state = load_state(out / "unet_state.safetensors")
     from diffusers.training_utils import EMAModel
 
     components.text_encoder.load_state_dict(state["text_encoder"])  # frozen (CLIP stage): no EMA of it
@@ -595,32 +591,32 @@ def run(
     if stage in ("all", "vae"):
         if not train_vae(out, recipe, data, stop_after, device):
             return False
-        timings["vae_seconds"] = round(_load(out / "vae_state.pt")["elapsed"], 1)
+        timings["vae_seconds"] = round(load_state(out / "vae_state.safetensors")["elapsed"], 1)
         save_timings()
     if stage in ("all", "clip") and recipe.clip_steps:
         if not train_clip(out, recipe, data, stop_after, device):
             return False
-        timings["clip_seconds"] = round(_load(out / "clip_state.pt")["elapsed"], 1)
+        timings["clip_seconds"] = round(load_state(out / "clip_state.safetensors")["elapsed"], 1)
         save_timings()
     if stage in ("all", "unet"):
-        if recipe.clip_steps and not (out / "text_encoder_clip.pt").is_file():
+        if recipe.clip_steps and not (out / "text_encoder_clip.safetensors").is_file():
             raise SystemExit(f"{out}: the U-Net stage needs the CLIP stage's text encoder; run --stage clip first")
         from ..sd15.models import load_config_dicts
 
         scaling_factor = load_config_dicts(CONFIG_NAME)[1]["scaling_factor"]
         started = time.perf_counter()
-        if not (out / "vae_final.pt").is_file():
+        if not (out / "vae_final.safetensors").is_file():
             vae = load_trained_vae(out, recipe)
             rescale_latents(vae, data["images"][:2048], scaling_factor)
-            _save_atomic(vae.state_dict(), out / "vae_final.pt")
+            save_state(out / "vae_final.safetensors", vae.state_dict())
         vae = build_models(recipe.seed).vae
-        vae.load_state_dict(_load(out / "vae_final.pt", weights_only=True))
+        vae.load_state_dict(load_state(out / "vae_final.safetensors"))
         latents = encode_latents(out, vae.eval(), data["images"], device)
         _timed(timings, "latents_seconds", started)
         save_timings()
         if not train_unet(out, recipe, data, latents, scaling_factor, stop_after, device):
             return False
-        timings["unet_seconds"] = round(_load(out / "unet_state.pt")["elapsed"], 1)
+        timings["unet_seconds"] = round(load_state(out / "unet_state.safetensors")["elapsed"], 1)
         save_timings()
     if stage == "all" and destination is not None:
         export(out, recipe, destination)
