@@ -43,13 +43,8 @@ from lora_loom.lora_core.lora import target_module
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
 from lora_loom.lora_core.weight_source import FileWeightSource
-from lora_loom.sd15.models import (
-    build_components,
-    build_empty_components,
-    load_config_dicts,
-    load_single_file,
-    save_single_file,
-)
+from lora_loom.sd15.config_files import load_config_dicts
+from lora_loom.sd15.models import build_components, build_empty_components, load_single_file, save_single_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE = REPO_ROOT / "bench" / ".cache"

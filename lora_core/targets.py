@@ -1,8 +1,9 @@
 """Every name a LoRA file may use for an SD1.5 weight, mapped to one canonical target key.
 
 Canonical targets are `unet.<diffusers module path>` and `text_encoder.text_model.<module path>`.
-The table is built from the model classes' own module names (instantiated on the meta device),
-and the LDM names come from the SD1.5 key maps, so it covers every Linear and Conv2d of SD1.5.
+The module list comes from the SD1.5 key-map topology (`sd15.keys`) and config; the LDM names from the same
+key maps, so it covers every Linear and Conv2d of SD1.5 (checked against diffusers' and transformers' own
+models in tests/test_targets.py).
 """
 
 from __future__ import annotations
@@ -10,12 +11,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-import torch
-from torch import nn
-
 from ..sd15 import keys as sd15_keys
-from ..sd15.keys import text_encoder_is_flat
-from ..sd15.models import config_dir
+from ..sd15.config_files import load_config_dicts
 
 # diffusers' old attention-processor LoRA names (`…attn1.processor.to_q_lora.up.weight`): the
 # parser strips `_lora.up.weight`, leaving `…attn1.processor.to_q`.
@@ -23,27 +20,47 @@ _ATTN_PROCESSOR_NAMES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out
 _TE_ATTN_PROCESSOR_NAMES = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}
 
 
-def _linear_and_conv_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+# The order diffusers and transformers register these modules in (`named_modules()` order), so lists built
+# here match a model's own enumeration (synthetic LoRAs draw their random factors in this order).
+_REGISTRATION_ORDER = (
+    "conv_in", "time_embedding", "linear_1", "linear_2", "down_blocks", "up_blocks", "mid_block",
+    "attentions", "resnets", "downsamplers", "upsamplers", "proj_in", "transformer_blocks", "proj_out",
+    "attn1", "conv1", "time_emb_proj", "attn2", "conv2", "conv_shortcut", "ff", "to_q", "to_k", "to_v",
+    "to_out", "net", "proj", "conv", "conv_out",
+)  # fmt: skip
+_TEXT_LAYER_MODULES = (  # CLIPEncoderLayer: self_attn (k, v, q, out), layer_norm1, mlp (fc1, fc2), layer_norm2
+    "self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2",
+)  # fmt: skip
+
+
+def _registration_key(path: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else _REGISTRATION_ORDER.index(part) for part in path.split("."))
+
+
+def _is_norm(path: str) -> bool:
+    last = path.rsplit(".", 1)[-1]
+    return last.startswith("norm") or last == "conv_norm_out"
 
 
 @functools.cache
 def sd15_modules() -> dict[str, list[str]]:
-    """Diffusers/transformers names of every LoRA-targetable module of SD1.5, per component."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """Diffusers/transformers names of every Linear and Conv2d of SD1.5 (what a LoRA can target), per
+    component, in the models' own order. Built from the key-map topology and SD1.5's shipped config (which
+    levels change width, how many text layers): no model is instantiated and diffusers is not imported."""
+    unet_config, _, text_config = load_config_dicts("sd15")
+    widths = unet_config["block_out_channels"]
 
-    configs = config_dir("tiny-sd15")  # same topology and names as full SD1.5, cheap to build
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
-        text = CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json"))
-    text_names = _linear_and_conv_names(text)
-    if text_encoder_is_flat(text):  # transformers >= 5.6: canonical keys keep `text_model.`
-        text_names = [f"text_model.{name}" for name in text_names]
-    return {
-        "unet": _linear_and_conv_names(unet),
-        "text_encoder": [n for n in text_names if "text_model." in n],
-    }
+    def exists(path: str) -> bool:
+        parts = path.split(".")
+        if parts[0] == "down_blocks" and parts[-1] == "conv_shortcut":
+            level = int(parts[1])
+            return widths[level - 1] != widths[level]  # the first resnet of a level that changes width
+        return True
+
+    unet = [p for p in sd15_keys.unet_weight_modules() if not _is_norm(p) and exists(p)]
+    layers = range(text_config["num_hidden_layers"])
+    text = [f"text_model.encoder.layers.{i}.{module}" for i in layers for module in _TEXT_LAYER_MODULES]
+    return {"unet": sorted(unet, key=_registration_key), "text_encoder": text}
 
 
 def _unet_aliases(name: str) -> list[str]:

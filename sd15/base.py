@@ -22,14 +22,8 @@ from ..lora_core.lora import LoRA
 from ..lora_core.patcher import PatchEngine, PatchEntry, PatchSet, PatchStats
 from ..lora_core.weight_source import FileWeightSource
 from .builtin import BUILT_IN_TINY, BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
-from .models import (
-    SD15Components,
-    build_components,
-    config_dir,
-    load_config_dicts,
-    load_single_file,
-    save_single_file,
-)
+from .config_files import config_dir, load_config_dicts
+from .models import SD15Components, build_components, load_single_file, save_single_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

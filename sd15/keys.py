@@ -342,6 +342,12 @@ def unet_diffusers_to_ldm(name: str) -> str:
     return _lookup(_UNET_DIFFUSERS_TO_LDM, name, "U-Net diffusers", "down_blocks.0.attentions.0.proj_in.weight", "")
 
 
+def unet_weight_modules() -> list[str]:
+    """diffusers paths of every U-Net module that owns a weight in some SD1.5-topology model (a shortcut conv
+    exists only where a level changes width, so a particular model may lack a few of these)."""
+    return [key.removesuffix(".weight") for key in _UNET_DIFFUSERS_TO_LDM if key.endswith(".weight")]
+
+
 def vae_ldm_to_diffusers(name: str) -> str:
     """VAE module path or tensor key, LDM -> diffusers.
 

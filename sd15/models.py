@@ -13,7 +13,6 @@ The text encoder's parameter names depend on the transformers version (flat sinc
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from .config_files import load_config_dicts
 from .keys import (
     COMPONENT_NAMES,
     TEXT_ENCODER_PREFIX,
@@ -35,9 +35,6 @@ from .keys import (
     text_encoder_transformers_to_ldm,
     vae_key_needs_reshape,
 )
-
-CONFIGS_ROOT = Path(__file__).resolve().parent / "configs"
-CONFIG_NAMES = ("sd15", "tiny-sd15", "toy-world-sd15")
 
 # CLIP ViT-L/14 (SD1.5's text encoder) uses 64-dimensional attention heads.
 _TEXT_ENCODER_HEAD_DIM = 64
@@ -61,22 +58,6 @@ class SD15Components:
         if name not in COMPONENT_NAMES:
             raise KeyError(f"unknown SD1.5 component {name!r}; expected one of {COMPONENT_NAMES}")
         return getattr(self, name)
-
-
-def config_dir(name: str) -> Path:
-    """Folder of a shipped diffusers-style config ("sd15" or "tiny-sd15")."""
-    if name not in CONFIG_NAMES:
-        raise ValueError(f"unknown SD1.5 config {name!r}; expected one of {CONFIG_NAMES}")
-    return CONFIGS_ROOT / name
-
-
-def load_config_dicts(name: str) -> tuple[dict, dict, dict]:
-    """The shipped (unet, vae, text_encoder) config dicts of a config name."""
-    folder = config_dir(name)
-    unet_config = json.loads((folder / "unet" / "config.json").read_text())
-    vae_config = json.loads((folder / "vae" / "config.json").read_text())
-    text_encoder_config = json.loads((folder / "text_encoder" / "config.json").read_text())
-    return unet_config, vae_config, text_encoder_config
 
 
 def _instantiate(unet_config: dict, vae_config: dict, text_encoder_config: dict) -> SD15Components:

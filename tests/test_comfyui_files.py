@@ -22,7 +22,8 @@ from lora_loom.lora_core.formats import load_lora
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
 from lora_loom.lora_core.targets import alias_table
 from lora_loom.sd15.base import built_in_tiny_checkpoint
-from lora_loom.sd15.models import config_dir, load_single_file
+from lora_loom.sd15.config_files import config_dir
+from lora_loom.sd15.models import load_single_file
 
 FIXTURES = Path(__file__).parent / "data" / "comfyui"
 KEY_MAP = json.loads((FIXTURES / "comfyui_lora_key_map.json").read_text())

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
 from lora_loom.nodes import impl, paths
 from lora_loom.sd15.base import BUILT_IN_TINY, built_in_tiny_checkpoint
-from lora_loom.sd15.models import config_dir
+from lora_loom.sd15.config_files import config_dir
 
 SMALL = {"steps": 3, "cfg": 5.0, "width": 64, "height": 64, "batch_size": 2}
 

@@ -21,7 +21,7 @@ import torch
 
 from lora_loom.nodes import impl
 from lora_loom.sd15.builtin import BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
-from lora_loom.sd15.models import config_dir
+from lora_loom.sd15.config_files import config_dir
 from lora_loom.sd15.sampling import SAMPLERS, SCHEDULES
 from lora_loom.sd15.tokenizer import load_clip_tokenizer
 

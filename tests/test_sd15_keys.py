@@ -11,6 +11,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
 )
 
+from lora_loom.sd15.config_files import load_config_dicts
 from lora_loom.sd15.keys import (
     VAE_ATTENTION_CONV_KEYS,
     checkpoint_key,
@@ -27,7 +28,6 @@ from lora_loom.sd15.models import (
     build_components,
     build_empty_components,
     components_state_dict_ldm,
-    load_config_dicts,
     text_encoder_is_flat,
 )
 

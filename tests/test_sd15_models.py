@@ -14,15 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
+from lora_loom.sd15.config_files import config_dir, load_config_dicts
 from lora_loom.sd15.keys import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, checkpoint_key
 from lora_loom.sd15.models import (
     SD15Components,
     build_components,
     build_empty_components,
     components_state_dict_ldm,
-    config_dir,
     infer_configs,
-    load_config_dicts,
     load_single_file,
     save_single_file,
     text_encoder_is_flat,

@@ -15,8 +15,8 @@ from transformers import CLIPTextModel
 
 from lora_loom.nodes import impl
 from lora_loom.sd15.builtin import BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
+from lora_loom.sd15.config_files import config_dir
 from lora_loom.sd15.keys import checkpoint_key, vae_key_needs_reshape
-from lora_loom.sd15.models import config_dir
 from lora_loom.sd15.sampling import sample, sample_pairs
 from lora_loom.toyworld import analyse, caption, scenes, score
 

@@ -362,7 +362,7 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
 def _noise_scheduler():
     from diffusers import DDPMScheduler
 
-    from ..sd15.models import config_dir
+    from ..sd15.config_files import config_dir
 
     return DDPMScheduler.from_pretrained(config_dir(CONFIG_NAME), subfolder="scheduler")
 
@@ -601,7 +601,7 @@ def run(
     if stage in ("all", "unet"):
         if recipe.clip_steps and not (out / "text_encoder_clip.safetensors").is_file():
             raise SystemExit(f"{out}: the U-Net stage needs the CLIP stage's text encoder; run --stage clip first")
-        from ..sd15.models import load_config_dicts
+        from ..sd15.config_files import load_config_dicts
 
         scaling_factor = load_config_dicts(CONFIG_NAME)[1]["scaling_factor"]
         started = time.perf_counter()
