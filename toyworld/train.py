@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_write
 from ..lora_core.state_files import load_state, save_state
+from ..lora_core.training_loop import resume, run_steps, save_checkpoint
 from .scenes import caption, render, sample_scene
 
 CONFIG_NAME = "toy-world-sd15"
@@ -68,74 +68,15 @@ class Recipe:
 # ----------------------------------------------------------------------------------------------- utilities
 
 
-class _StopRequests:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary (checkpoint, then exit), so an
-    interrupted run never saves a half-applied optimizer step."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _request(self, signum, frame):
-        self.requested = True
-
-
-def _train_loop(out: Path, stage: str, total: int, state: dict, one_step, checkpoint, stop_after: int | None) -> bool:
-    """Run ``one_step() -> loss`` until ``state["step"] == total``; checkpoint every ``checkpoint_every``
-    steps, at the end, and when stopped early (signal or ``stop_after`` steps in this call). Returns True
-    when the stage is complete."""
-    every = state["checkpoint_every"]
-    bar = tqdm(total=total, initial=state["step"], desc=stage, mininterval=5)
-    started = time.perf_counter() - state["elapsed"]
-    done_here = 0
-    try:
-        with _StopRequests() as stop:
-            while state["step"] < total:
-                loss = one_step()
-                state["step"] += 1
-                state["elapsed"] = time.perf_counter() - started
-                done_here += 1
-                bar.update(1)
-                if state["step"] % 25 == 0:
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    _log(out, stage, state["step"], loss, state["elapsed"])
-                stopping = stop.requested or (stop_after is not None and done_here >= stop_after)
-                if stopping or state["step"] % every == 0 or state["step"] == total:
-                    checkpoint()
-                if stopping and state["step"] < total:
-                    return False
-    finally:
-        bar.close()
-    return True
-
-
 # Every file of a run (data, latents, resume states) is a pickle-free state file (lora_core.state_files):
 # tensors come back on the CPU, so a run checkpointed on a GPU resumes / exports on the CPU and vice versa.
 
 
-def _resume(path: Path, parts: dict, generator: torch.Generator, state: dict) -> None:
-    """Load each part (module, optimizer, schedule, EMA: anything with ``load_state_dict``), the generator and
-    the step counters from the checkpoint at ``path``, if there is one."""
-    if not path.is_file():
-        return
-    saved = load_state(path)
-    for key, part in parts.items():
-        part.load_state_dict(saved[key])
-    generator.set_state(saved["generator"])
-    state.update(step=saved["step"], elapsed=saved["elapsed"])
+def _train_loop(out: Path, stage: str, total: int, state: dict, one_step, checkpoint, stop_after: int | None) -> bool:
+    def log(step: int, loss: float, seconds: float) -> None:
+        _log(out, stage, step, loss, seconds)
 
-
-def _checkpoint(path: Path, parts: dict, generator: torch.Generator, state: dict) -> None:
-    saved = {key: part.state_dict() for key, part in parts.items()}
-    saved.update(generator=generator.get_state(), step=state["step"], elapsed=state["elapsed"])
-    save_state(path, saved)
+    return run_steps(total, state, one_step, checkpoint, stop_after=stop_after, description=stage, log=log)
 
 
 def _log(out: Path, stage: str, step: int, loss: float, seconds: float) -> None:
@@ -205,7 +146,7 @@ def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = No
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     state = {"step": 0, "elapsed": 0.0, "checkpoint_every": recipe.checkpoint_every}
     parts = {"model": vae, "optimizer": optimizer, "schedule": schedule}
-    _resume(state_path, parts, generator, state)
+    resume(state_path, parts, generator, state)
     if state["step"] >= recipe.vae_steps:
         return True
     images = data["images"].to(device)
@@ -228,7 +169,7 @@ def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = No
         return loss.item()
 
     def checkpoint() -> None:
-        _checkpoint(state_path, parts, generator, state)
+        save_checkpoint(state_path, parts, generator, state)
 
     return _train_loop(out, "vae", recipe.vae_steps, state, one_step, checkpoint, stop_after)
 
@@ -316,7 +257,7 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
     generator = torch.Generator().manual_seed(recipe.seed + 3)
     state = {"step": 0, "elapsed": 0.0, "checkpoint_every": recipe.checkpoint_every}
     parts = {"model": model, "optimizer": optimizer, "schedule": schedule}
-    _resume(state_path, parts, generator, state)
+    resume(state_path, parts, generator, state)
 
     def save_text_encoder() -> None:
         _text_transformer(text_encoder).load_state_dict(_text_transformer(model.text_model).state_dict())
@@ -348,7 +289,7 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
         return loss.item()
 
     def checkpoint() -> None:
-        _checkpoint(state_path, parts, generator, state)
+        save_checkpoint(state_path, parts, generator, state)
 
     done = _train_loop(out, "clip", recipe.clip_steps, state, one_step, checkpoint, stop_after)
     if done:
@@ -423,7 +364,7 @@ def train_unet(
     state = {"step": 0, "elapsed": 0.0, "checkpoint_every": recipe.checkpoint_every}
     parts = {"unet": unet, "text_encoder": text_encoder, **{f"ema_{name}": ema for name, ema in emas.items()}}
     parts.update(optimizer=optimizer, schedule=schedule)
-    _resume(state_path, parts, generator, state)
+    resume(state_path, parts, generator, state)
     for ema in emas.values():
         ema.to(device)  # checkpoints are loaded onto the CPU
     if state["step"] >= recipe.unet_steps:
@@ -471,7 +412,7 @@ def train_unet(
         return loss.item()
 
     def checkpoint() -> None:
-        _checkpoint(state_path, parts, generator, state)
+        save_checkpoint(state_path, parts, generator, state)
 
     return _train_loop(out, "unet", recipe.unet_steps, state, one_step, checkpoint, stop_after)
 

@@ -1,0 +1,97 @@
+"""The step loop every trainer here shares (the toy-world base's stages, TrainLoRA): interruptible at step
+boundaries, checkpointed to pickle-free state files, resumable to bitwise the same result.
+
+A loop's resumable state is its `parts` (modules, optimizer, LR schedule, EMA: anything with
+`state_dict()` / `load_state_dict()`), one `torch.Generator` for every random draw, and the counters
+`state = {"step", "elapsed", "checkpoint_every"}`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .state_files import load_state, save_state
+
+
+class StopRequests:
+    """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary (checkpoint, then return), so an
+    interrupted run never saves a half-applied optimizer step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> StopRequests:
+        self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+
+def run_steps(
+    total: int,
+    state: dict[str, Any],
+    one_step: Callable[[], float],
+    checkpoint: Callable[[], None],
+    *,
+    stop_after: int | None = None,
+    description: str = "train",
+    log: Callable[[int, float, float], None] | None = None,
+    log_every: int = 25,
+) -> bool:
+    """Run `one_step() -> loss` until `state["step"] == total`; checkpoint every `state["checkpoint_every"]`
+    steps, at the end, and when stopped early (a signal, or `stop_after` steps in this call). `log(step, loss,
+    seconds)` every `log_every` steps. Returns True when all `total` steps are done."""
+    every = state["checkpoint_every"]
+    bar = tqdm(total=total, initial=state["step"], desc=description, mininterval=5)
+    started = time.perf_counter() - state["elapsed"]
+    done_here = 0
+    try:
+        with StopRequests() as stop:
+            while state["step"] < total:
+                loss = one_step()
+                state["step"] += 1
+                state["elapsed"] = time.perf_counter() - started
+                done_here += 1
+                bar.update(1)
+                if state["step"] % log_every == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                    if log is not None:
+                        log(state["step"], loss, state["elapsed"])
+                stopping = stop.requested or (stop_after is not None and done_here >= stop_after)
+                if stopping or state["step"] % every == 0 or state["step"] == total:
+                    checkpoint()
+                if stopping and state["step"] < total:
+                    return False
+    finally:
+        bar.close()
+    return True
+
+
+def resume(path: str | os.PathLike, parts: Mapping[str, Any], generator: torch.Generator, state: dict) -> bool:
+    """Load `parts`, the generator and the counters from the checkpoint at `path`; False if there is none."""
+    if not os.path.isfile(path):
+        return False
+    saved = load_state(path)
+    for key, part in parts.items():
+        part.load_state_dict(saved[key])
+    generator.set_state(saved["generator"])
+    state.update(step=saved["step"], elapsed=saved["elapsed"])
+    return True
+
+
+def save_checkpoint(path: str | os.PathLike, parts: Mapping[str, Any], generator: torch.Generator, state: dict) -> None:
+    saved = {key: part.state_dict() for key, part in parts.items()}
+    saved.update(generator=generator.get_state(), step=state["step"], elapsed=state["elapsed"])
+    save_state(path, saved)
