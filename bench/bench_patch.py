@@ -18,18 +18,10 @@ Run: ``python bench/bench_patch.py`` (several minutes; ~4.3 GB checkpoint cached
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import logging
 import math
-import os
-import platform
-import resource
-import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,25 +29,46 @@ from typing import Any
 
 import torch
 
-from lora_loom.files import atomic_write
 from lora_loom.lora_core.formats import load_lora
 from lora_loom.lora_core.lora import target_module
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
-from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.lora_core.synthetic import kohya_targets
 from lora_loom.lora_core.weight_source import FileWeightSource
-from lora_loom.sd15.config_files import load_config_dicts
-from lora_loom.sd15.models import build_components, build_empty_components, load_single_file, save_single_file
+from lora_loom.sd15.models import load_single_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CACHE = REPO_ROOT / "bench" / ".cache"
-CHECKPOINT = CACHE / "sd15-random-seed0-fp32.safetensors"
-DOC = REPO_ROOT / "docs" / "benchmarks.md"
+from common import (
+    CHECKPOINT,
+    CONTENTION_LIMIT,
+    DOC,
+    LORA_ALPHA,
+    LORA_RANK,
+    REPO_ROOT,
+    SCOPES,
+    START,
+    engine_revision,
+    gib,
+    involuntary_switches,
+    lora_path,
+    machine_description,
+    met,
+    mib,
+    nbytes,
+    peak_rss,
+    prepare_files,
+    progress,
+    quiet_libraries,
+    relative_error,
+    rss_anon,
+    secs,
+    settle_memory,
+    timed,
+    timeit_median,
+    write_doc,
+    yes,
+)
+
 SECTION_HEADING = "## Patch engine (bench/bench_patch.py)"
 
-SCOPES = ("attention", "all")
-LORA_RANK = 16
-LORA_ALPHA = 8.0
-LORA_SEEDS = {"attention": 1, "all": 2}
 STRENGTH_FROM = (1.0, 1.0)  # (U-Net, text encoder)
 STRENGTH_TO = (0.8, 0.5)
 MATCH_TOLERANCE = 1e-5  # relative (Frobenius) error of a patched weight vs diffusers' fused one
@@ -70,100 +83,10 @@ TARGET_APPLY_VS_DIFFUSERS = 0.1  # ours apply <= 0.1 x diffusers' load + fuse
 TARGET_RESTORE_S = 0.1
 TARGET_RAM_FRACTION = 0.10
 
-# Involuntary context switches per second above which a timing is flagged as taken under CPU
-# contention (another process on the 2 cores); quiet runs stay well below it.
-CONTENTION_LIMIT = 150.0
-
-_START = time.perf_counter()
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def progress(message: str) -> None:
-    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
-
-
-def timeit_median(
-    fn: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None, warmup: int = 1
-) -> tuple[float, list[float]]:
-    """Median wall time of `fn` over `repeats` calls, each preceded by an untimed `setup`.
-
-    `warmup` untimed setup + fn rounds run first. Returns (median seconds, all timed seconds).
-    """
-    times = []
-    for round_ in range(warmup + repeats):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        fn()
-        elapsed = time.perf_counter() - start
-        if round_ >= warmup:
-            times.append(elapsed)
-    return statistics.median(times), times
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    """(fn's result, seconds it took): for single first calls."""
-    start = time.perf_counter()
-    value = fn()
-    return value, time.perf_counter() - start
-
-
-def involuntary_switches() -> int:
-    """Involuntary context switches of this process, all threads (other work competing for the CPU)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
-
-
-def _proc_status_bytes(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024  # the kernel reports kB
-    raise RuntimeError(f"/proc/self/status has no {field_name}")
-
-
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: no malloc_trim
-    _LIBC = None
-
-
-def settle_memory() -> None:
-    """Collect garbage and hand free heap pages back to the OS, so RSS readings mean live memory."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def rss_anon() -> int:
-    """Anonymous resident memory of this process (bytes), after settling the heap."""
-    settle_memory()
-    return _proc_status_bytes("RssAnon")
-
-
-def peak_rss() -> int:
-    return _proc_status_bytes("VmHWM")
-
-
-def nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
-def new_factor_bytes(adapter) -> int:
-    """Bytes of the float32 factors an adapter cached on its first use that are not views of its own
-    tensors (for float32 kohya LoRAs: the scaled `up`; `down` is a view)."""
-    own = {t.untyped_storage().data_ptr() for t in adapter.tensors()}
-    cached = getattr(adapter, "_factors", {}).values()
-    return sum(nbytes(t) for pair in cached for t in pair if t.untyped_storage().data_ptr() not in own)
-
-
-def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
-    if torch.equal(value, reference):
-        return 0.0
-    return ((value.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def model_weight(parts: dict[str, torch.nn.Module], target: str) -> torch.Tensor:
@@ -173,49 +96,9 @@ def model_weight(parts: dict[str, torch.nn.Module], target: str) -> torch.Tensor
     return module.weight
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Phase 1: the cached checkpoint and LoRA files
 # ---------------------------------------------------------------------------------------------------------
-
-
-def lora_path(scope: str) -> Path:
-    return CACHE / f"kohya-{scope}-r{LORA_RANK}-a{LORA_ALPHA:g}-seed{LORA_SEEDS[scope]}.safetensors"
-
-
-def prepare_files() -> None:
-    """Build and save the seed-0 full-size SD1.5 checkpoint and both LoRA files, unless cached."""
-    from safetensors.torch import save_file
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    if CHECKPOINT.is_file():
-        progress(f"phase 1: reusing {CHECKPOINT.relative_to(REPO_ROOT)} ({gib(CHECKPOINT.stat().st_size)})")
-    else:
-        progress("phase 1: building full-size sd15 components (seed 0) ...")
-        components = build_components("sd15", seed=0)
-        progress(f"phase 1: saving {CHECKPOINT.relative_to(REPO_ROOT)} ...")
-        atomic_write(CHECKPOINT, lambda p: save_single_file(components, p))
-        del components
-        settle_memory()
-        progress(f"phase 1: checkpoint written ({gib(CHECKPOINT.stat().st_size)})")
-
-    # Only the shapes matter for the random LoRAs: meta-device components cost nothing.
-    meta = build_empty_components(*load_config_dicts("sd15"))
-    parts = {"unet": meta.unet, "text_encoder": meta.text_encoder}
-    for scope in SCOPES:
-        path = lora_path(scope)
-        if path.is_file():
-            continue
-        state = random_kohya_lora(parts, kohya_targets(scope), rank=LORA_RANK, alpha=LORA_ALPHA, seed=LORA_SEEDS[scope])
-        atomic_write(path, lambda p, state=state: save_file(state, str(p)))
-        progress(f"phase 1: wrote {path.relative_to(REPO_ROOT)} ({mib(path.stat().st_size)})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,7 +215,7 @@ def bench_ours(ours: Ours, scope: str, originals: dict[str, torch.Tensor], repea
         raise RuntimeError(f"apply wrote {stats.weights_written} weights, expected {len(targets)}")
     if stats.notes:
         progress(f"[{scope}] engine notes: {stats.notes[:3]}")
-    factor_bytes = sum(new_factor_bytes(adapter) for adapter in lora.adapters.values())
+    factor_bytes = sum(adapter.cache_nbytes for adapter in lora.adapters.values())
     result.ram.update(
         ours_restore_overhead_bytes=engine.restore_overhead_bytes,
         ours_anon_growth_bytes=after - before,
@@ -557,23 +440,6 @@ def memory_floor(tensors: list[torch.Tensor], repeats: int) -> float:
     return timeit_median(one_pass, repeats)[0]
 
 
-def engine_revision() -> str:
-    """git revision of the checkout, with '+dirty lora_core' if lora_core has uncommitted changes."""
-    import subprocess
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=30
-        ).stdout.strip()
-
-    try:
-        revision = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "lora_core")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return revision + (" +dirty lora_core" if dirty else "")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Phase 4/5: figures, targets, report
 # ---------------------------------------------------------------------------------------------------------
@@ -612,36 +478,6 @@ def ours_ram_overhead(result: ScopeResult) -> int:
     return result.ram["ours_restore_overhead_bytes"] + max(0, result.ram["ours_anon_growth_bytes"])
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import diffusers
-    import peft
-    import transformers
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"diffusers {diffusers.__version__}, peft {peft.__version__}, "
-        f"transformers {transformers.__version__}, Python {platform.python_version()}"
-    )
-
-
-def _s(seconds: float) -> str:
-    return f"{seconds:.3f}" if seconds >= 0.001 else f"{seconds * 1000:.2f} ms"
-
-
-def _yes(flag: bool) -> str:
-    return "yes" if flag else "**no**"
-
-
-def _met(flag: bool) -> str:
-    return "met" if flag else "**not met**"
-
-
 def render_section(results: list[ScopeResult], extras: dict[str, Any]) -> str:
     lines = [
         SECTION_HEADING,
@@ -668,7 +504,7 @@ def render_section(results: list[ScopeResult], extras: dict[str, Any]) -> str:
         label = f"{result.scope} ({result.modules} modules)"
         for op in OPERATIONS:
             lines.append(
-                f"| {label} | {OPERATION_LABELS[op]} | {_s(result.ours[op])} | {_s(result.diffusers[op])} | "
+                f"| {label} | {OPERATION_LABELS[op]} | {secs(result.ours[op])} | {secs(result.diffusers[op])} | "
                 f"{result.ratio(op):.3f} |"
             )
             label = ""
@@ -716,12 +552,12 @@ def render_section(results: list[ScopeResult], extras: dict[str, Any]) -> str:
         checks, ram = result.checks, result.ram
         fp16 = checks.get("diffusers_restore_max_abs_fp16")
         fp16_text = f" ({fp16:.2e})" if fp16 is not None else ""
-        ours_exact = _yes(checks["ours_restore_bit_exact"])
+        ours_exact = yes(checks["ours_restore_bit_exact"])
         if "ours_restore_bit_exact_fp16" in checks:
-            ours_exact += f" (fp16: {_yes(checks['ours_restore_bit_exact_fp16'])})"
-        diffusers_exact = _yes(checks["diffusers_restore_bit_exact"])
+            ours_exact += f" (fp16: {yes(checks['ours_restore_bit_exact_fp16'])})"
+        diffusers_exact = yes(checks["diffusers_restore_bit_exact"])
         if "diffusers_restore_bit_exact_fp16" in checks:
-            diffusers_exact += f" (fp16: {_yes(checks['diffusers_restore_bit_exact_fp16'])})"
+            diffusers_exact += f" (fp16: {yes(checks['diffusers_restore_bit_exact_fp16'])})"
         overhead = ours_ram_overhead(result)
         lines.append(
             f"| {result.scope} | {mib(result.patched_bytes)} | {ours_exact} / {diffusers_exact} | "
@@ -762,7 +598,7 @@ def render_section(results: list[ScopeResult], extras: dict[str, Any]) -> str:
         cells = []
         for result in results:
             target = result.targets[key]
-            cells.append(f"{_met(target['met'])} ({fmt.format(target['value'])})")
+            cells.append(f"{met(target['met'])} ({fmt.format(target['value'])})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
 
     attention = next((r for r in results if r.scope == "attention"), None)
@@ -781,31 +617,13 @@ def render_section(results: list[ScopeResult], extras: dict[str, Any]) -> str:
             f"{apply_s / issue_total:.3f}× the issue's diffusers load + fuse ({issue_total:.2f} s), so the "
             f"apply target measured against the issue's diffusers figures "
             f"(≤ {TARGET_APPLY_VS_DIFFUSERS * issue_total:.3f} s) is "
-            f"{_met(apply_s <= TARGET_APPLY_VS_DIFFUSERS * issue_total)}. This run's diffusers load + fuse: "
+            f"{met(apply_s <= TARGET_APPLY_VS_DIFFUSERS * issue_total)}. This run's diffusers load + fuse: "
             f"{warm['load']:.3f} s + {warm['apply']:.3f} s warm ({first['load']:.3f} s + "
             f"{first['apply']:.3f} s on first call); 0.1× of the warm sum is {same_run_budget:.3f} s, "
             f"against a memory floor of {attention.floor_s:.3f} s. These are notes, not same-run ratios "
             "(different process, model and moment).",
         ]
     return "\n".join(lines) + "\n"
-
-
-def write_doc(section: str, heading: str = SECTION_HEADING) -> None:
-    """Replace (or append) the section under `heading` in docs/benchmarks.md, keeping every other section."""
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.is_file() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith(("# ", "## "))),
-            len(lines),
-        )
-        after = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    DOC.write_text(new)
 
 
 def json_figures(results: list[ScopeResult], extras: dict[str, Any]) -> dict[str, Any]:
@@ -856,29 +674,6 @@ def json_figures(results: list[ScopeResult], extras: dict[str, Any]) -> dict[str
 # ---------------------------------------------------------------------------------------------------------
 
 
-def quiet_libraries() -> None:
-    for name in ("diffusers", "transformers", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.set_verbosity_error()
-    except ImportError:
-        pass
-    try:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-    except (ImportError, AttributeError):
-        pass
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per operation (>= 5)")
@@ -924,11 +719,11 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "repeats": args.repeats,
         "threads": torch.get_num_threads(),
-        "total_s": time.perf_counter() - _START,
+        "total_s": time.perf_counter() - START,
         "peak_rss_bytes": peak_rss(),
     }
     if not args.no_doc:
-        write_doc(render_section(results, extras))
+        write_doc(render_section(results, extras), SECTION_HEADING)
         progress(f"wrote {DOC.relative_to(REPO_ROOT)}")
     print(json.dumps(json_figures(results, extras), sort_keys=False), flush=True)
     return 0

@@ -38,22 +38,27 @@ from typing import Any
 
 import torch
 
-# The shared helpers live in bench_patch.py, next to this file (the script's folder is sys.path[0] when
+# The shared helpers live in common.py, next to this file (the script's folder is sys.path[0] when
 # run as `python bench/bench_sampler.py`; inserted here too for runpy / imports from elsewhere).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_patch import (  # noqa: E402
-    _START,
+from lora_loom.lora_core.formats import load_lora  # noqa: E402
+from lora_loom.sd15.base import SDBase, load_base  # noqa: E402
+from lora_loom.sd15.models import load_single_file  # noqa: E402
+from lora_loom.sd15.sampling import diffusers_pipeline, make_scheduler, sample  # noqa: E402
+from lora_loom.sd15.tokenizer import load_clip_tokenizer  # noqa: E402
+
+from common import (  # noqa: E402
     CHECKPOINT,
     CONTENTION_LIMIT,
     DOC,
     REPO_ROOT,
-    _met,
-    _yes,
+    START,
     engine_revision,
     gib,
     involuntary_switches,
     lora_path,
     machine_description,
+    met,
     peak_rss,
     prepare_files,
     progress,
@@ -62,13 +67,8 @@ from bench_patch import (  # noqa: E402
     settle_memory,
     timed,
     write_doc,
+    yes,
 )
-
-from lora_loom.lora_core.formats import load_lora  # noqa: E402
-from lora_loom.sd15.base import SDBase, load_base  # noqa: E402
-from lora_loom.sd15.models import load_single_file  # noqa: E402
-from lora_loom.sd15.sampling import diffusers_pipeline, make_scheduler, sample  # noqa: E402
-from lora_loom.sd15.tokenizer import load_clip_tokenizer  # noqa: E402
 
 SECTION_HEADING = "## Sampler (bench/bench_sampler.py)"
 
@@ -342,7 +342,7 @@ def bench(repeats: int, switch_repeats: int) -> Results:
     handles = {"base": base}
     for branch in BRANCHES:
         lora, seconds = timed(lambda branch=branch: load_lora(lora_path(branch.scope)))
-        res.extras[f"ours_load_lora_{branch.key}_s"] = seconds
+        res.extras[f"ours_load_lora_{branch.key}secs"] = seconds
         handles[branch.key] = base.with_lora(lora, branch.strength_unet, branch.strength_text_encoder)
     progress("loading the checkpoint again for diffusers ...")
     diffusers, res.extras["diffusers_model_load_s"] = timed(lambda: Diffusers(base.model.scheduler_config))
@@ -710,10 +710,10 @@ def render_section(res: Results, f: dict[str, Any], goals: dict[str, Any], extra
         "",
         f"- Our image vs diffusers' (no LoRA, same settings): max abs difference "
         f"{res.checks['ours_vs_diffusers_max_abs']:.2e} (bitwise equal: "
-        f"{_yes(res.checks['ours_vs_diffusers_bitwise'])}); image std {res.checks['image_std']:.3f}.",
+        f"{yes(res.checks['ours_vs_diffusers_bitwise'])}); image std {res.checks['image_std']:.3f}.",
         "- Every later image of a series bitwise equal to its first: "
         + ", ".join(
-            f"{series} {_yes(flag)} ({res.checks['branch_images_compared'][series]})"
+            f"{series} {yes(flag)} ({res.checks['branch_images_compared'][series]})"
             for series, flag in res.checks["branch_images_bitwise_identical"].items()
         )
         + ". (`ours.A` / `ours.B` include the images sampled while alternating; a series' first image is "
@@ -746,7 +746,7 @@ def render_section(res: Results, f: dict[str, Any], goals: dict[str, Any], extra
         text = f"{value:.2e}" if key.startswith("image") else (f"{value:.3f}" if not isinstance(value, bool) else "")
         if "per_step" in goal:
             text += f"; per step {goal['per_step']:.3f}"
-        lines.append(f"| {label} | {_met(goal['met'])}{f' ({text})' if text else ''} |")
+        lines.append(f"| {label} | {met(goal['met'])}{f' ({text})' if text else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -852,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "switch_repeats": args.switch_repeats,
         "threads": torch.get_num_threads(),
-        "total_s": time.perf_counter() - _START,
+        "total_s": time.perf_counter() - START,
         "peak_rss_bytes": peak_rss(),
         **res.extras,
     }

@@ -23,13 +23,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_patch import write_doc  # noqa: E402
-
 from lora_loom.sd15.base import load_base  # noqa: E402
 from lora_loom.sd15.builtin import BUILT_IN_TOY  # noqa: E402
 from lora_loom.sd15.grid import image_grid  # noqa: E402
 from lora_loom.sd15.sampling import sample_pairs  # noqa: E402
 from lora_loom.toyworld import caption, dataset, scenes, score  # noqa: E402
+
+from common import write_doc  # noqa: E402
 
 HEADING = "## Toy-world base quality (bench/bench_toyworld.py)"
 GRID = ROOT / "docs" / "images" / "toy-world-grid.png"

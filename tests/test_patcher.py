@@ -249,3 +249,16 @@ def test_conv_loras_patch_what_their_layers_compute(kind):
     torch.testing.assert_close(F.conv2d(x, live.double(), padding=padding), expected, rtol=1e-5, atol=1e-6)
     engine.restore()
     assert torch.equal(weight(model, target), w0)
+
+
+def test_cache_nbytes_counts_only_new_factor_memory():
+    """For a float32 LoRA the cached `down` is a view (free) and the scaled `up` is new; half precision: both new."""
+    model = fresh_tiny()
+    lora = make_lora(model, seed=17, scope="attention")
+    assert all(adapter.cache_nbytes == 0 for adapter in lora.adapters.values())  # nothing cached yet
+    engine_for(model).apply([PatchEntry(lora, 1.0, 1.0)])
+    for adapter in lora.adapters.values():
+        assert adapter.cache_nbytes == adapter.up.numel() * 4
+    half = LoRAAdapter(up=torch.ones(8, 2, dtype=torch.float16), down=torch.ones(2, 5, dtype=torch.float16))
+    half.low_rank_factors(torch.device("cpu"))
+    assert half.cache_nbytes == (8 * 2 + 2 * 5) * 4

@@ -71,6 +71,14 @@ class LoRAAdapter(WeightAdapter):
                 f"LoRA produces [{self.out_features}, {self.in_numel}] but the weight is {list(weight_shape)}"
             )
 
+    @property
+    def cache_nbytes(self) -> int:
+        """Memory held by the cached float32 factors beyond the adapter's own tensors (a view costs nothing:
+        for a float32 LoRA `down` is one, the scaled `up` is new)."""
+        own = {t.untyped_storage().data_ptr() for t in self.tensors()}
+        cached = (t for pair in self._factors.values() for t in pair)
+        return sum(t.numel() * t.element_size() for t in cached if t.untyped_storage().data_ptr() not in own)
+
     def low_rank_factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         factors = self._factors.get(device)
         if factors is None:
