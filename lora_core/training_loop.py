@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -77,6 +77,21 @@ def run_steps(
     finally:
         bar.close()
     return True
+
+
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    parameters: Iterable[torch.Tensor],
+    max_grad_norm: float,
+) -> None:
+    """One update: backward, gradient-norm clipping, optimizer and LR-schedule step (gradients cleared first)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    schedule.step()
 
 
 def resume(path: str | os.PathLike, parts: Mapping[str, Any], generator: torch.Generator, state: dict) -> bool:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..files import atomic_write
 from ..lora_core.state_files import load_state, save_state
-from ..lora_core.training_loop import resume, run_steps, save_checkpoint
+from ..lora_core.training_loop import optimizer_step, resume, run_steps, save_checkpoint
 from .scenes import caption, render, sample_scene
 
 CONFIG_NAME = "toy-world-sd15"
@@ -161,11 +161,7 @@ def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = No
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample  # CPU draws, moved over
         kl = posterior.kl().mean()
         loss = F.mse_loss(reconstruction, x) + F.l1_loss(reconstruction, x) + recipe.vae_kl_weight * kl
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), recipe.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, optimizer, schedule, vae.parameters(), recipe.grad_clip)
         return loss.item()
 
     def checkpoint() -> None:
@@ -281,11 +277,7 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
         ids = ids[:, : int((ids != eos).sum(dim=1).max()) + 1]
         pixels = _to_pixels(images[index])
         loss = model(input_ids=ids.to(device), pixel_values=pixels.to(device), return_loss=True).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, optimizer, schedule, model.parameters(), recipe.grad_clip)
         return loss.item()
 
     def checkpoint() -> None:
@@ -402,11 +394,7 @@ def train_unet(
         prediction = unet(noisy, timesteps, context).sample
         weight = _loss_weight(compute_snr(noise_scheduler, timesteps), recipe.snr_gamma, recipe.snr_floor)
         loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, optimizer, schedule, parameters, recipe.grad_clip)
         for name, ema in emas.items():
             ema.step(trained[name].parameters())
         return loss.item()
