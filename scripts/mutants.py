@@ -133,6 +133,13 @@ MUTANTS = (
         ("tests/test_writer.py", "tests/test_comfyui_files.py"),
     ),
     Mutant(
+        "min-SNR weight divided by SNR for v-prediction too (diffusers divides by SNR + 1)",
+        "sd15/objective.py",
+        'return clamped / (snr + 1) if self.prediction_type == "v_prediction" else clamped / snr',
+        "return clamped / snr",
+        ("tests/test_objective.py",),
+    ),
+    Mutant(
         "installs bypass the lock (README test command without -c requirements.lock)",
         "README.md",
         'pip install -q torch==2.13.0 -c requirements.lock -e ".[test]"',

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..files import atomic_write
 from ..lora_core.state_files import load_state, save_state
 from ..lora_core.training_loop import optimizer_step, resume, run_steps, save_checkpoint
+from ..sd15.objective import DiffusionObjective
 from .scenes import caption, render, sample_scene
 
 CONFIG_NAME = "toy-world-sd15"
@@ -56,7 +57,9 @@ class Recipe:
     warmup_steps: int = 200
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
-    snr_floor: float = 0.0  # lower clamp of the x0-space loss weight (see _loss_weight); 0: plain min-SNR
+    # Lower clamp of the min-SNR weight's SNR (an x0-space floor): tried against the first base's position
+    # failure, whose cause was the text encoder (see train_clip); it did not help, so it is off. 0: plain min-SNR.
+    snr_floor: float = 0.0
     noise_offset: float = 0.2
     multires_noise_iterations: int = 0  # kohya sd-scripts' --multires_noise_iterations (0: off)
     multires_noise_discount: float = 0.5
@@ -292,40 +295,6 @@ def train_clip(out: Path, recipe: Recipe, data: dict, stop_after: int | None = N
 # ----------------------------------------------------------------------------------------------- U-Net
 
 
-def _noise_scheduler():
-    from diffusers import DDPMScheduler
-
-    from ..sd15.config_files import config_dir
-
-    return DDPMScheduler.from_pretrained(config_dir(CONFIG_NAME), subfolder="scheduler")
-
-
-def _multires_noise(noise: torch.Tensor, iterations: int, discount: float, generator) -> torch.Tensor:
-    """kohya sd-scripts' multi-resolution ("pyramid") noise: extra noise at 1/2, 1/4, ... resolution, so
-    low-frequency structure (here: where the object is) cannot be read off the barely-noised signal that
-    SD1.5's schedule leaves at its last steps. Deterministic given ``generator``; normalised to unit std."""
-    b, c, h, w = noise.shape
-    for i in range(1, iterations + 1):
-        hn, wn = max(1, h // 2**i), max(1, w // 2**i)
-        low = torch.randn((b, c, hn, wn), generator=generator)
-        noise = noise + F.interpolate(low, size=(h, w), mode="bilinear", align_corners=False) * discount**i
-        if hn == 1 or wn == 1:
-            break
-    return noise / noise.std()
-
-
-def _loss_weight(snr: torch.Tensor, gamma: float, floor: float) -> torch.Tensor:
-    """Per-sample weight of the epsilon MSE: min-SNR-gamma (Hang et al. 2023) with the x0-space weight
-    clamped to [floor, gamma] instead of [0, gamma].
-
-    Epsilon MSE = SNR * x0 MSE, so at SD1.5's noisiest steps (SNR ~ 0.005) plain epsilon training barely
-    rewards getting the picture's layout right from the prompt alone; a floor on the x0 weight makes it count.
-    Tried against the first base's position failure, whose cause turned out to be the text encoder (see
-    :func:`train_clip`); it did not help there, so it is off in the recipe.
-    """
-    return torch.clamp(snr, min=floor, max=gamma) / snr
-
-
 def train_unet(
     out: Path,
     recipe: Recipe,
@@ -335,7 +304,7 @@ def train_unet(
     stop_after: int | None = None,
     device: str = "cpu",
 ) -> bool:
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
 
     state_path = out / "unet_state.safetensors"
     components = build_models(recipe.seed)
@@ -362,7 +331,14 @@ def train_unet(
     if state["step"] >= recipe.unet_steps:
         return True
 
-    noise_scheduler = _noise_scheduler()
+    objective = DiffusionObjective.for_config(
+        CONFIG_NAME,
+        min_snr_gamma=recipe.snr_gamma,
+        snr_floor=recipe.snr_floor,
+        noise_offset=recipe.noise_offset,
+        multires_iterations=recipe.multires_noise_iterations,
+        multires_discount=recipe.multires_noise_discount,
+    )
     n = len(latents["mean"])
     latent_mean, latent_std = latents["mean"].to(device), latents["std"].to(device)
     input_ids, empty_ids = data["input_ids"].long(), data["empty_ids"].long()
@@ -379,21 +355,16 @@ def train_unet(
         eps = torch.randn(shape, generator=generator)
         on_device = index.to(device)
         x0 = (latent_mean[on_device] + latent_std[on_device] * eps.to(device)) * scaling_factor
-        noise = torch.randn(shape, generator=generator)
-        # Offset noise (diffusers' --noise_offset): SD1.5's schedule leaves ~8 % of the signal at the last
-        # steps, and a flat background's mean colour leaks through it; without the offset the model reads the
-        # background off the noise instead of the prompt, and from pure noise at sampling time it guesses.
-        noise = noise + recipe.noise_offset * torch.randn((b, noise.shape[1], 1, 1), generator=generator)
-        if recipe.multires_noise_iterations:
-            noise = _multires_noise(noise, recipe.multires_noise_iterations, recipe.multires_noise_discount, generator)
-        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+        # Offset noise (diffusers' --noise_offset): without it the model reads a flat background's mean colour
+        # off the barely-noised signal of the last steps instead of from the prompt.
+        noise = objective.noise(shape, generator)
+        timesteps = objective.timesteps(b, generator)
         noise, timesteps = noise.to(device), timesteps.to(device)
-        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+        noisy = objective.noisy(x0, noise, timesteps)
         with torch.set_grad_enabled(joint):
             context = text_encoder(ids.to(device))[0]
         prediction = unet(noisy, timesteps, context).sample
-        weight = _loss_weight(compute_snr(noise_scheduler, timesteps), recipe.snr_gamma, recipe.snr_floor)
-        loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = objective.loss(prediction, x0, noise, timesteps)
         optimizer_step(loss, optimizer, schedule, parameters, recipe.grad_clip)
         for name, ema in emas.items():
             ema.step(trained[name].parameters())
