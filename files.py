@@ -12,6 +12,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+# The process umask, read once: reading it means setting it, and toggling it on every write would briefly give
+# files other threads create (a host's server, say) no umask at all.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """`write(temporary)` to a new file in `path`'s folder, flushed to disk, then renamed over `path`.
@@ -28,9 +33,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         write(temporary)
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

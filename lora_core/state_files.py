@@ -3,9 +3,9 @@
 A resume state (module and optimizer `state_dict()`s, schedule state, RNG states, counters) is a tree of
 dicts, lists, tuples, numbers, strings and tensors. `save_state` stores each tensor under its own key and the
 tree's shape as JSON in the file's metadata; `load_state` rebuilds the same tree. Loading runs no code from
-the file (unlike `torch.load`), so a state found in a shared folder is safe to open. Tensors and floats come
-back bitwise, in their memory layout (channels-last stays channels-last), and floats exactly (JSON writes
-their shortest exact repr), which keeps resumed runs bitwise identical.
+the file (unlike `torch.load`), so a state found in a shared folder is safe to open. Tensors come back
+bitwise and in their memory layout (channels-last stays channels-last), floats exactly (JSON writes their
+shortest exact repr): a resumed run stays bitwise an uninterrupted one.
 """
 
 from __future__ import annotations
