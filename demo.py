@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from .files import atomic_write
 from .lora_core.formats import load_lora
 from .lora_core.patcher import PatchEngine, PatchEntry
-from .lora_core.synthetic import kohya_targets, random_kohya_lora
+from .lora_core.synthetic import random_kohya_lora
+from .lora_core.targets import kohya_targets
 from .lora_core.weight_source import FileWeightSource
 from .sd15.models import build_components, load_single_file, save_single_file
 

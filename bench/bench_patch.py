@@ -32,7 +32,7 @@ import torch
 from lora_loom.lora_core.formats import load_lora
 from lora_loom.lora_core.lora import target_module
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
-from lora_loom.lora_core.synthetic import kohya_targets
+from lora_loom.lora_core.targets import kohya_targets
 from lora_loom.lora_core.weight_source import FileWeightSource
 from lora_loom.sd15.models import load_single_file
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from lora_loom.files import atomic_write
-from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.lora_core.synthetic import random_kohya_lora
+from lora_loom.lora_core.targets import kohya_targets
 from lora_loom.sd15.config_files import load_config_dicts
 from lora_loom.sd15.models import build_components, build_empty_components, save_single_file
 

@@ -63,6 +63,28 @@ def sd15_modules() -> dict[str, list[str]]:
     return {"unet": sorted(unet, key=_registration_key), "text_encoder": text}
 
 
+_UNET_ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
+_UNET_TRANSFORMER_EXTRA = (".ff.net.0.proj", ".ff.net.2", ".proj_in", ".proj_out")
+_TE_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
+_TE_MLP = (".fc1", ".fc2")
+
+
+def kohya_targets(scope: str = "all") -> list[str]:
+    """Canonical targets kohya's sd-scripts trains on SD1.5 (also TrainLoRA's `target` choices).
+
+    "all": U-Net Transformer2DModel children (192) + text-encoder attention and MLP (72) = 264.
+    "attention": U-Net attn1/attn2 projections (128) + text-encoder self-attention (48) = 176.
+    """
+    if scope not in ("all", "attention"):
+        raise ValueError(f"scope must be 'all' or 'attention', not {scope!r}")
+    modules = sd15_modules()
+    unet_suffixes = _UNET_ATTENTION + (_UNET_TRANSFORMER_EXTRA if scope == "all" else ())
+    te_suffixes = _TE_ATTENTION + (_TE_MLP if scope == "all" else ())
+    unet = [f"unet.{n}" for n in modules["unet"] if ".attentions." in n and n.endswith(unet_suffixes)]
+    text = [f"text_encoder.{n}" for n in modules["text_encoder"] if n.endswith(te_suffixes)]
+    return unet + text
+
+
 def _unet_aliases(name: str) -> list[str]:
     ldm = sd15_keys.unet_diffusers_to_ldm(name)
     aliases = [

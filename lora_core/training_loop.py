@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -28,7 +29,11 @@ class StopRequests:
         self.requested = False
 
     def __enter__(self) -> StopRequests:
-        self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._previous = {}
+        # Only the main thread may set signal handlers; a host runs nodes on a worker thread and has its own
+        # cancel point (its progress hook), so there the loop simply does not catch signals.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._request) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -49,14 +54,20 @@ def run_steps(
     description: str = "train",
     log: Callable[[int, float, float], None] | None = None,
     log_every: int = 25,
+    on_step: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> bool:
     """Run `one_step() -> loss` until `state["step"] == total`; checkpoint every `state["checkpoint_every"]`
-    steps, at the end, and when stopped early (a signal, or `stop_after` steps in this call). `log(step, loss,
-    seconds)` every `log_every` steps. Returns True when all `total` steps are done."""
+    steps, at the end, and when stopped early (a signal, `should_stop()`, or `stop_after` steps in this call).
+    `log(step, loss, seconds)` every `log_every` steps; `on_step(step, loss)` after every step — if it raises
+    (a host's cancel), the finished steps are checkpointed first. Returns True when all `total` steps are done.
+
+    A failing `one_step` is not checkpointed: the last checkpoint stays the last good state."""
     every = state["checkpoint_every"]
     bar = tqdm(total=total, initial=state["step"], desc=description, mininterval=5)
     started = time.perf_counter() - state["elapsed"]
     done_here = 0
+    saved_at = state["step"]
     try:
         with StopRequests() as stop:
             while state["step"] < total:
@@ -69,9 +80,21 @@ def run_steps(
                     bar.set_postfix(loss=f"{loss:.4f}")
                     if log is not None:
                         log(state["step"], loss, state["elapsed"])
-                stopping = stop.requested or (stop_after is not None and done_here >= stop_after)
-                if stopping or state["step"] % every == 0 or state["step"] == total:
+                stopping = (
+                    stop.requested
+                    or (stop_after is not None and done_here >= stop_after)
+                    or (should_stop is not None and should_stop())
+                )
+                if stopping or (every and state["step"] % every == 0) or state["step"] == total:
                     checkpoint()
+                    saved_at = state["step"]
+                if on_step is not None:
+                    try:
+                        on_step(state["step"], loss)
+                    except BaseException:
+                        if saved_at != state["step"]:
+                            checkpoint()
+                        raise
                 if stopping and state["step"] < total:
                     return False
     finally:
@@ -85,12 +108,22 @@ def optimizer_step(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     parameters: Iterable[torch.Tensor],
     max_grad_norm: float,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """One update: backward, gradient-norm clipping, optimizer and LR-schedule step (gradients cleared first)."""
+    """One update: backward, gradient-norm clipping, optimizer and LR-schedule step (gradients cleared first).
+    With a `scaler` (fp16 training) the loss is scaled for backward and the gradients unscaled before clipping;
+    a step whose gradients overflowed is skipped by the scaler."""
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
     schedule.step()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..sd15.sampling import SAMPLERS, SCHEDULES
+from ..training.settings import LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, TARGETS
 from .paths import checkpoint_choices, lora_choices
 from .schema import Input, NodeSchema, Output
 
@@ -91,6 +92,59 @@ SAMPLER = NodeSchema(
     outputs=(Output("IMAGE", "image"), Output("LATENT", "latent")),
 )
 
+RATE = {"type": "FLOAT", "min": 0.0, "max": 1.0, "step": 0.000001}  # the editor rounds a FLOAT to its step
+
+TRAIN_LORA = NodeSchema(
+    node_id="TrainLoRA",
+    display_name="Train LoRA (SD1.5)",
+    category=CATEGORY,
+    description="Trains a LoRA on a folder of captioned images, on top of the base's current LoRAs; writes a "
+    "kohya-format file to the loras folder. Interruptible; the same inputs again resume (or return the file).",
+    inputs=(
+        Input("base", "SD_BASE"),
+        Input(
+            "dataset_dir",
+            "STRING",
+            default="toy-star (built-in)",
+            tooltip="folder of images with same-name .txt captions (kohya N_name repeat folders too): absolute, "
+            "relative to the input folder, or a built-in set",
+        ),
+        Input("caption_prefix", "STRING", default="", tooltip="trigger word, put in front of every caption"),
+        Input("rank", "INT", default=16, min=1, max=256),
+        Input("alpha", "FLOAT", default=16.0, min=0.0, max=1024.0, step=0.5, tooltip="scale = alpha / rank"),
+        Input("steps", "INT", default=500, min=1, max=1_000_000),
+        Input("learning_rate", **RATE, default=1e-4, tooltip="U-Net learning rate"),
+        Input("text_encoder_lr", **RATE, default=5e-5),
+        Input("batch_size", "INT", default=1, min=1, max=64),
+        Input("resolution", "INT", default=512, min=64, max=2048, step=64, tooltip="buckets around this size"),
+        Input("seed", "INT", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+        Input("train_text_encoder", "BOOLEAN", default=False),
+        Input(
+            "target",
+            "COMBO",
+            default="attention",
+            options=TARGETS,
+            tooltip="attention: to_q/k/v/out; kohya: every kohya SD1.5 module (proj_in/out, ff, mlp too)",
+        ),
+        Input("optimizer", "COMBO", default="AdamW", options=OPTIMIZERS, tooltip="AdamW8bit needs bitsandbytes"),
+        Input("lr_scheduler", "COMBO", default="constant", options=LR_SCHEDULERS),
+        Input("warmup_steps", "INT", default=0, min=0, max=1_000_000),
+        Input("min_snr_gamma", "FLOAT", default=5.0, min=0.0, max=100.0, step=0.1, tooltip="0: off"),
+        Input("noise_offset", "FLOAT", default=0.0, min=0.0, max=1.0, step=0.01),
+        Input("gradient_checkpointing", "BOOLEAN", default=False, tooltip="less memory, slower steps"),
+        Input("mixed_precision", "COMBO", default="fp32", options=MIXED_PRECISIONS, tooltip="fp16 uses a grad scaler"),
+        Input("save_every_n_steps", "INT", default=0, min=0, max=1_000_000, tooltip="0: only the final file"),
+        Input("output_name", "STRING", default="my-lora", tooltip="file name in the loras folder (no folders)"),
+        Input("use_rslora", "BOOLEAN", default=False, optional=True, tooltip="scale alpha/sqrt(rank)"),
+        Input("validation_prompt", "STRING", default="", multiline=True, optional=True),
+        Input("validation_every_n_steps", "INT", default=0, min=0, max=1_000_000, optional=True, tooltip="0: off"),
+    ),
+    outputs=(Output("LORA", "lora"), Output("STRING", "lora_name"), Output("IMAGE", "loss_curve")),
+    output_node=True,
+    needs_grad=True,
+    hidden=(("unique_id", "UNIQUE_ID"),),
+)
+
 IMAGE_GRID = NodeSchema(
     node_id="LoomImageGrid",
     display_name="Image Grid (LoRA Loom)",
@@ -105,7 +159,7 @@ IMAGE_GRID = NodeSchema(
     outputs=(Output("IMAGE", "image"),),
 )
 
-NODES: tuple[NodeSchema, ...] = (LOAD_BASE, LOAD_LORA, APPLY_LORA, FUSE_LORA, SAMPLER, IMAGE_GRID)
+NODES: tuple[NodeSchema, ...] = (LOAD_BASE, LOAD_LORA, APPLY_LORA, FUSE_LORA, TRAIN_LORA, SAMPLER, IMAGE_GRID)
 
 # ComfyUI core nodes the headless runner provides with the host's semantics (never registered in the host).
 SAVE_IMAGE = NodeSchema(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
-from .paths import BUILT_IN_BASES, folder_of, in_host, model_path, save_path
+from .paths import BUILT_IN_BASES, dataset_folder, folder_of, in_host, model_path, save_path
 from .progress import step_progress
 
 log = logging.getLogger("lora_loom")
@@ -63,6 +65,117 @@ def fuse_lora(base, save_name: str = "", save_fp16: bool = False):
     return {"ui": {"text": [f"saved checkpoints/{name}"]}, "result": (fused,)}
 
 
+def _checked_output_name(output_name: str) -> str:
+    """The LoRA's file name: a plain name in the loras folder — no folders, no `..`, nothing absolute."""
+    name = output_name.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif "/" in name or "\\" in name or os.sep in name or "\x00" in name:
+        problem = "contains a path separator (files go into the loras folder itself)"
+    elif name in (".", "..") or name.startswith(".."):
+        problem = "leaves the loras folder"
+    elif os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
+        problem = "is an absolute path"
+    if problem:
+        raise ValueError(f"TrainLoRA: output_name {output_name!r} {problem}; nothing was written")
+    return name
+
+
+def _host_messages(unique_id: str | None):
+    """Inside the host: (should_stop, send(step info), preview(picture)). Headless: no-ops."""
+    if not in_host():
+        return None, (lambda info: None)
+    import comfy.model_management  # only inside ComfyUI
+    from server import PromptServer
+
+    def send(info) -> None:
+        message = {"node": unique_id, "step": info.step, "total": info.total, "loss": info.loss}
+        message.update(loss_ema=info.loss_ema, lr=info.lr, eta_s=info.eta_s)
+        PromptServer.instance.send_sync("lora_loom.train", message)
+
+    return comfy.model_management.processing_interrupted, send
+
+
+def train_lora(base, dataset_dir: str, caption_prefix: str, rank: int, alpha: float, steps: int,
+               learning_rate: float, text_encoder_lr: float, batch_size: int, resolution: int, seed: int,
+               train_text_encoder: bool, target: str, optimizer: str, lr_scheduler: str, warmup_steps: int,
+               min_snr_gamma: float, noise_offset: float, gradient_checkpointing: bool, mixed_precision: str,
+               save_every_n_steps: int, output_name: str, use_rslora: bool = False, validation_prompt: str = "",
+               validation_every_n_steps: int = 0, unique_id: str | None = None):  # fmt: skip
+    import time
+
+    from ..files import atomic_write
+    from ..sd15.images import to_image_batch, to_pil
+    from ..sd15.sampling import sample
+    from ..training.dataset import scan_dataset
+    from ..training.loss_chart import loss_chart
+    from ..training.settings import TrainSettings
+    from ..training.trainer import TrainingInterrupted
+    from ..training.trainer import train_lora as core_train_lora
+
+    name = _checked_output_name(output_name)
+    settings = TrainSettings(
+        caption_prefix=caption_prefix, rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate,
+        text_encoder_lr=text_encoder_lr, batch_size=batch_size, resolution=resolution, seed=seed,
+        train_text_encoder=train_text_encoder, target=target, optimizer=optimizer, lr_scheduler=lr_scheduler,
+        warmup_steps=warmup_steps, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset,
+        gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
+        save_every_n_steps=save_every_n_steps, use_rslora=use_rslora, validation_prompt=validation_prompt,
+        validation_every_n_steps=validation_every_n_steps if validation_prompt.strip() else 0,
+    )  # fmt: skip
+    folder = dataset_folder(dataset_dir)
+    dataset = scan_dataset(folder, resolution=resolution, caption_prefix=caption_prefix)
+    output = save_path("loras", f"{name}.safetensors")
+    should_stop, send = _host_messages(unique_id)
+    update, close = step_progress(steps, "TrainLoRA")
+    losses: list[float] = []
+    preview = {"shown_at": 0.0, "validation": None}
+
+    def progress(info) -> None:
+        losses.append(info.loss)
+        send(info)
+        picture = None
+        if in_host() and time.monotonic() - preview["shown_at"] > 5:  # a preview image every few seconds
+            preview["shown_at"] = time.monotonic()
+            picture = preview["validation"] or loss_chart(losses, [], steps, title=name)
+        update(info.step, info.total, picture)
+
+    def validate(step: int) -> Path:
+        image = sample(base, validation_prompt, seed=seed, width=resolution, height=resolution).images[0]
+        picture = to_pil(image)
+        path = output.with_name(f"{name}-validation-step{step:08d}.png")
+        atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))
+        preview["validation"] = picture
+        return path
+
+    try:
+        result = core_train_lora(
+            base, dataset, settings, output, name=name, progress=progress, should_stop=should_stop,
+            validate=validate if settings.validation_every_n_steps else None,
+        )  # fmt: skip
+    except TrainingInterrupted:
+        if in_host():
+            import comfy.model_management
+
+            raise comfy.model_management.InterruptProcessingException() from None
+        raise
+    finally:
+        close()
+    chart = loss_chart(result.losses, result.lrs, steps, title=name)
+    relative = output.name
+    summary = [f"TrainLoRA: {relative}: {result.steps} steps" + (
+        f", final loss {result.final_loss:.4f}" if result.final_loss is not None else "")]  # fmt: skip
+    if result.reused:
+        summary.append("this run had already finished: returned the file, nothing trained")
+    summary += result.notes
+    for line in summary:
+        log.info(line)
+    return {"ui": {"text": ["\n".join(summary)]}, "result": (result.lora, relative, to_image_batch(chart))}
+
+
 def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, scheduler, width, height, batch_size):
     from ..sd15.sampling import sample
 
@@ -107,9 +220,25 @@ def file_fingerprint(kind: str, name: str) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def training_fingerprint(dataset_dir: str = "", output_name: str = "", **_) -> str:
+    """IS_CHANGED for TrainLoRA: its dataset's files and its output file, by name, size and mtime — so an edited
+    dataset, or a deleted or replaced LoRA file, runs the node again (identical runs then resume or reuse)."""
+    try:
+        folder = dataset_folder(dataset_dir)
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+        output = save_path("loras", f"{_checked_output_name(output_name)}.safetensors")
+    except (OSError, ValueError):
+        return "invalid"  # the node reports the problem when it runs
+    signature = [(p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    if output.is_file():
+        signature.append(("output", output.stat().st_size, output.stat().st_mtime_ns))
+    return repr(signature)
+
+
 CHANGE_CHECKS = {
     "LoadBase": lambda ckpt_name, dtype="auto", **_: file_fingerprint("checkpoints", ckpt_name),
     "LoadLoRA": lambda lora_name, **_: file_fingerprint("loras", lora_name),
+    "TrainLoRA": training_fingerprint,
 }
 
 IMPLEMENTATIONS = {
@@ -117,6 +246,7 @@ IMPLEMENTATIONS = {
     "LoadLoRA": load_lora,
     "ApplyLoRA": apply_lora,
     "FuseLoRA": fuse_lora,
+    "TrainLoRA": train_lora,
     "Sampler": sampler,
     "LoomImageGrid": image_grid,
 }

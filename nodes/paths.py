@@ -11,12 +11,24 @@ from ..sd15.builtin import BUILT_IN_TINY, BUILT_IN_TOY
 BUILT_IN_BASES = (BUILT_IN_TOY, BUILT_IN_TINY)
 _MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _models_dir = Path(os.environ.get("LORA_LOOM_MODELS_DIR", "models"))
+_input_dir = Path(os.environ.get("LORA_LOOM_INPUT_DIR", "input"))
 
 
 def set_models_dir(path: str | os.PathLike) -> None:
     """Headless runs: where `checkpoints/` and `loras/` live (ComfyUI's layout)."""
     global _models_dir
     _models_dir = Path(path)
+
+
+def set_input_dir(path: str | os.PathLike) -> None:
+    """Headless runs: the input folder relative dataset paths start from (ComfyUI's `input/`)."""
+    global _input_dir
+    _input_dir = Path(path)
+
+
+def input_dir() -> Path:
+    host = _host_folder_paths()
+    return Path(host.get_input_directory()) if host is not None else _input_dir
 
 
 def _host_folder_paths():
@@ -81,3 +93,14 @@ def checkpoint_choices() -> list[str]:
 
 def lora_choices() -> list[str]:
     return list_models("loras")
+
+
+def dataset_folder(dataset_dir: str) -> Path:
+    """A TrainLoRA dataset: an absolute folder, a built-in set's name, or a folder in the input folder."""
+    from ..toyworld.datasets import BUILT_IN_DATASETS, built_in_dataset
+
+    text = dataset_dir.strip()
+    if text in BUILT_IN_DATASETS:
+        return built_in_dataset(text)
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else input_dir() / path

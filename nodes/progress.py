@@ -15,19 +15,24 @@ def show_headless_progress(enabled: bool) -> None:
     _headless_bars = enabled
 
 
-def step_progress(total: int, description: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    """(update(done, total), close()) for a loop of `total` steps."""
+def step_progress(total: int, description: str) -> tuple[Callable[..., None], Callable[[], None]]:
+    """(update(done, total, picture=None), close()) for a loop of `total` steps; in the host a PIL `picture`
+    becomes the node's preview image."""
     if in_host():
         import comfy.utils  # only inside ComfyUI
 
         bar = comfy.utils.ProgressBar(total)
-        return (lambda done, _total: bar.update_absolute(done, total)), (lambda: None)
+
+        def host_update(done: int, _total: int, picture: object = None) -> None:
+            bar.update_absolute(done, total, ("PNG", picture, 512) if picture is not None else None)
+
+        return host_update, (lambda: None)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=description, leave=False, disable=not _headless_bars)
 
-    def update(done: int, _total: int) -> None:
+    def update(done: int, _total: int, picture: object = None) -> None:
         bar.update(done - bar.n)
 
     return update, bar.close

@@ -60,6 +60,7 @@ class NodeSchema:
     # The node trains: it runs with autograd on, outside `torch.inference_mode()` (which the host and the
     # runner use for every other node; tensors made there cannot be saved for backward).
     needs_grad: bool = False
+    hidden: tuple[tuple[str, str], ...] = ()  # (argument name, host value: "UNIQUE_ID", "PROMPT", ...)
 
     def input(self, name: str) -> Input:
         for item in self.inputs:
@@ -97,6 +98,8 @@ def v1_input_types(schema: NodeSchema) -> dict[str, dict[str, tuple]]:
         if item.tooltip:
             options["tooltip"] = item.tooltip
         section[item.name] = (item.type, options) if options else (item.type,)
+    if schema.hidden:
+        result["hidden"] = dict(schema.hidden)
     return result
 
 

@@ -1,7 +1,8 @@
 """`python -m lora_loom run WORKFLOW.json`: validate a ComfyUI workflow, run it headless, report what it wrote.
 
 Exit codes: 0 done; 1 a node failed while running; 2 the workflow or the command line is invalid (then
-nothing ran and nothing was written).
+nothing ran and nothing was written); 130 interrupted (Ctrl-C; a TrainLoRA run saved its state and resumes
+when the same workflow runs again).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from .execute import Runner, RunResult
 from .overrides import apply_overrides, parse_override
 from .workflow import Workflow, load_workflow
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("workflow", type=Path, help="workflow .json (editor or API format), or a PNG saved by ComfyUI")
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="has checkpoints/ and loras/")
     parser.add_argument("--output-dir", type=Path, default=Path("output"), help="where SaveImage writes")
+    parser.add_argument(
+        "--input-dir", type=Path, default=Path("input"), help="where relative dataset folders (TrainLoRA) are"
+    )
     parser.add_argument(
         "--temp-dir",
         type=Path,
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -65,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     from .defaults import default_classes, default_schemas
 
     paths.set_models_dir(args.models_dir)  # COMBO choices of model files come from here
+    paths.set_input_dir(args.input_dir)
     classes = default_classes(args.output_dir, args.temp_dir)
     schemas = default_schemas(classes)
 
@@ -101,6 +106,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         result = runner.run(workflow.prompt, extra_pnginfo=workflow.extra_pnginfo, validation=validation)
     except NodeExecutionError as error:
+        from ..training.trainer import TrainingInterrupted
+
+        if isinstance(error.error, TrainingInterrupted):  # Ctrl-C during training: the state is saved
+            print(f"node {error.node_id} ({error.class_type}): {error.error}", file=sys.stderr)
+            return EXIT_INTERRUPTED
         traceback.print_exception(type(error.error), error.error, error.error.__traceback__, file=sys.stderr)
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILED

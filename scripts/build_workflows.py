@@ -221,6 +221,42 @@ WORKFLOWS_BY_NAME: dict[str, list[Node]] = {
     ],
 }
 
+# TrainLoRA on a built-in toy-world set (the shape `star`, which the base never saw), then the same prompt
+# without and with the new LoRA, one row each.
+STAR_PROMPT = "a large red star in the centre, blue background"
+TRAIN = dict(
+    dataset_dir="toy-star (built-in)",
+    rank=16,
+    alpha=16.0,
+    steps=300,
+    learning_rate=0.001,
+    resolution=64,
+    seed=0,
+    output_name="toy-star-trained",
+)
+WORKFLOWS_BY_NAME["train_then_apply"] = [
+    BASE,
+    (2, "TrainLoRA", (400, 40), TRAIN, {"base": (1, 0)}),
+    (3, "SaveImage", (800, 700), {"filename_prefix": "train_then_apply/loss_curve"}, {"images": (2, 2)}),
+    (
+        4,
+        "ApplyLoRA",
+        (800, 40),
+        {"strength_unet": 1.0, "strength_text_encoder": 1.0},
+        {"base": (1, 0), "lora": (2, 0)},
+    ),
+    (5, "Sampler", (1160, 40), {"prompt": STAR_PROMPT, **SAMPLE}, {"base": (1, 0)}),
+    (6, "Sampler", (1160, 520), {"prompt": STAR_PROMPT, **SAMPLE}, {"base": (4, 0)}),
+    (
+        7,
+        "LoomImageGrid",
+        (1520, 40),
+        {"row_labels": "toy-world base\nwith the trained LoRA", "upscale": 3},
+        {"row_1": (5, 0), "row_2": (6, 0)},
+    ),
+    (8, "SaveImage", (1880, 40), {"filename_prefix": "train_then_apply/before_after"}, {"images": (7, 0)}),
+]
+
 
 def main() -> None:
     for name, nodes in WORKFLOWS_BY_NAME.items():

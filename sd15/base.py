@@ -42,6 +42,7 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     tokenizer_source: str | None = None
+    identity: str = ""  # which weights these are: the source file or folder, its size and mtime
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,16 @@ class SDBase:
         """Bring the shared weights to this handle's state (only weights that differ are written)."""
         with self.model.lock:
             return self.model.engine.apply(self.patches, fused_layers=self.fused)
+
+    def state_key(self, component: str) -> str:
+        """A digest of what one component (`unet`, `text_encoder`, `vae`) computes with on this handle: the
+        loaded weights, their dtype and device, and the fused and applied LoRAs at their strengths for it."""
+        model = self.model
+        parts: list[object] = [model.identity or model.name, str(model.dtype), model.device.type, component]
+        if component != "vae":  # LoRAs never touch the VAE
+            for layer in (*self.fused, self.patches):
+                parts.append([(e.lora.fingerprint, e.strength_for(component)) for e in layer])
+        return hashlib.sha256(repr(parts).encode()).hexdigest()
 
     def save(self, path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
         """Write this handle's weights as a single-file SD1.5 checkpoint (original layout).
@@ -176,7 +187,7 @@ def _load_single_file_base(path: Path, name: str | os.PathLike, dtype: str, devi
     engine = PatchEngine(
         {"unet": components.unet, "text_encoder": components.text_encoder}, FileWeightSource(path, key_map)
     )
-    model = LoadedModel(str(name), components, engine, torch_dtype, device)
+    model = LoadedModel(str(name), components, engine, torch_dtype, device, identity=_identity(path))
     return SDBase(model)
 
 
@@ -199,5 +210,12 @@ def _load_diffusers_folder(folder: Path, dtype: str, device: torch.device) -> SD
     # No single file backs these weights: the engine keeps a copy of each weight it patches.
     engine = PatchEngine({"unet": unet, "text_encoder": text_encoder})
     tokenizer_source = str(folder) if (folder / "tokenizer" / "vocab.json").is_file() else None
-    model = LoadedModel(str(folder), components, engine, unet.dtype, device, tokenizer_source)
+    files = sorted(p for part in ("unet", "vae", "text_encoder") for p in (folder / part).iterdir() if p.is_file())
+    identity = ";".join(_identity(p) for p in files)
+    model = LoadedModel(str(folder), components, engine, unet.dtype, device, tokenizer_source, identity)
     return SDBase(model)
+
+
+def _identity(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"

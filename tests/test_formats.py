@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from lora_loom.lora_core.formats import LoRAFormatError, load_lora, parse_lora
-from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
-from lora_loom.lora_core.targets import kohya_name
+from lora_loom.lora_core.synthetic import random_kohya_lora
+from lora_loom.lora_core.targets import kohya_name, kohya_targets
 from lora_loom.sd15 import keys as sd15_keys
 
 from util import make_lora

@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.lora_core.synthetic import random_kohya_lora
+from lora_loom.lora_core.targets import kohya_targets
 from lora_loom.nodes import impl, paths
 from lora_loom.sd15.base import BUILT_IN_TINY, built_in_tiny_checkpoint
 from lora_loom.sd15.config_files import config_dir

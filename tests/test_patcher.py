@@ -7,7 +7,7 @@ from lora_loom.lora_core import delta as delta_module
 from lora_loom.lora_core.adapters import LoRAAdapter
 from lora_loom.lora_core.lora import LoadReport, LoRA
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry, PatchError
-from lora_loom.lora_core.synthetic import kohya_targets
+from lora_loom.lora_core.targets import kohya_targets
 
 from util import assert_bitwise_equal, fail_writes_after, fresh_tiny, make_lora, state_of
 

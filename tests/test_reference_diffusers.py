@@ -7,7 +7,8 @@ import torch
 
 from lora_loom.lora_core.formats import parse_lora
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
-from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
+from lora_loom.lora_core.synthetic import random_kohya_lora
+from lora_loom.lora_core.targets import kohya_targets
 from lora_loom.sd15.keys import text_encoder_is_flat
 from lora_loom.sd15.models import build_components
 

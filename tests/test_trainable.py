@@ -5,7 +5,7 @@ import math
 import torch
 
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
-from lora_loom.lora_core.synthetic import kohya_targets
+from lora_loom.lora_core.targets import kohya_targets
 from lora_loom.lora_core.trainable import TrainableLoRA
 
 from util import assert_bitwise_equal, fresh_tiny, make_lora, state_of

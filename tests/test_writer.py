@@ -12,8 +12,8 @@ from lora_loom.lora_core.adapters import LoRAAdapter
 from lora_loom.lora_core.formats import load_lora, parse_lora
 from lora_loom.lora_core.lora import LoadReport, LoRA, target_module
 from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
-from lora_loom.lora_core.synthetic import kohya_targets, random_kohya_lora
-from lora_loom.lora_core.targets import alias_table, build_alias_table, kohya_name, sd15_modules
+from lora_loom.lora_core.synthetic import random_kohya_lora
+from lora_loom.lora_core.targets import alias_table, build_alias_table, kohya_name, kohya_targets, sd15_modules
 from lora_loom.lora_core.writer import save_lora
 
 from util import fresh_tiny
