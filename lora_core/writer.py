@@ -10,6 +10,7 @@ written with the equivalent α' = α·√r, which every reader turns into α'/r 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -79,6 +80,18 @@ def legacy_hash(serialized: bytes) -> str:
     return hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8]
 
 
+def canonical_header(serialized: bytes) -> bytes:
+    """The same safetensors file with its metadata in sorted key order. safetensors keeps metadata in a Rust
+    hash map, so the order it writes varies from call to call; sorted, the same LoRA gives the same bytes."""
+    length = int.from_bytes(serialized[:8], "little")
+    header = json.loads(serialized[8 : 8 + length])
+    metadata = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(metadata.items()))} if metadata else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + serialized[8 + length :]
+
+
 def save_lora(
     lora: LoRA,
     path: str | os.PathLike,
@@ -103,10 +116,10 @@ def save_lora(
     # kohya's hashes: the data hash does not depend on the header; the legacy one is taken from the file
     # as serialized with only the ss_* metadata.
     only_ss = {k: v for k, v in full.items() if k.startswith("ss_")}
-    with_ss_only = save(tensors, metadata=only_ss)
+    with_ss_only = canonical_header(save(tensors, metadata=only_ss))
     full["sshs_model_hash"] = tensor_data_hash(with_ss_only)
     full["sshs_legacy_hash"] = legacy_hash(with_ss_only)
-    payload = save(tensors, metadata=full)
+    payload = canonical_header(save(tensors, metadata=full))
     return atomic_write(path, lambda temporary: temporary.write_bytes(payload))
 
 

@@ -118,7 +118,7 @@ def train_lora(base, dataset_dir: str, caption_prefix: str, rank: int, alpha: fl
 
     name = _checked_output_name(output_name)
     settings = TrainSettings(
-        caption_prefix=caption_prefix, rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate,
+        rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate,
         text_encoder_lr=text_encoder_lr, batch_size=batch_size, resolution=resolution, seed=seed,
         train_text_encoder=train_text_encoder, target=target, optimizer=optimizer, lr_scheduler=lr_scheduler,
         warmup_steps=warmup_steps, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset,

@@ -17,10 +17,11 @@ from lora_loom.lora_core.trainable import TrainableLoRA
 from lora_loom.sd15.base import load_base
 from lora_loom.sd15.config_files import config_dir
 from lora_loom.sd15.tokenizer import load_clip_tokenizer
-from lora_loom.toyworld import dataset as toy_dataset
 from lora_loom.training.dataset import epoch_batches, hash_seed, load_pixels, scan_dataset
 from lora_loom.training.settings import TrainSettings
 from lora_loom.training.trainer import train_lora, training_targets
+
+from util import write_dataset
 
 STEPS = 20
 PEFT_TARGETS = {
@@ -30,14 +31,6 @@ PEFT_TARGETS = {
         ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
     ),
 }
-
-
-def write_dataset(folder, n=6):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, item in enumerate(toy_dataset(n, seed=3)):
-        item.image.save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(item.caption)
-    return folder
 
 
 def reference_run(base, dataset, settings: TrainSettings):

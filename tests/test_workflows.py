@@ -29,6 +29,7 @@ def test_there_are_the_promised_workflows():
         "stacked_loras",
         "fuse_and_save",
         "ab_strength",
+        "train_then_apply",
     }
 
 
@@ -44,6 +45,8 @@ def expected_pngs(workflow: dict) -> dict[str, tuple[int, tuple[int, int] | None
         if source["type"] == "Sampler":
             *_, width, height, batch = source["widgets_values"]
             expected[node["widgets_values"][0]] = (batch, (width, height))
+        elif source["type"] == "TrainLoRA":  # its loss curve
+            expected[node["widgets_values"][0]] = (1, (768, 320))
         else:
             assert source["type"] == "LoomImageGrid"
             expected[node["widgets_values"][0]] = (1, None)
@@ -57,6 +60,8 @@ def shipped_runs(models_dir, tmp_path_factory):
     for workflow in WORKFLOWS:
         out = tmp_path_factory.mktemp(workflow.stem)
         argv = [str(workflow), "--models-dir", str(models_dir), "--output-dir", str(out), "--no-progress"]
+        if workflow.stem == "train_then_apply":
+            argv += ["--set", "2.steps=20"]  # as shipped but short: the tests' time budget
         runs[workflow.stem] = (cli.main(argv), out)
     return runs
 

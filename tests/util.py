@@ -6,6 +6,7 @@ from lora_loom.lora_core.formats import parse_lora
 from lora_loom.lora_core.synthetic import random_kohya_lora
 from lora_loom.lora_core.targets import kohya_targets
 from lora_loom.sd15.models import build_components
+from lora_loom.toyworld import dataset as toy_dataset
 
 
 def state_of(components) -> dict[str, torch.Tensor]:
@@ -88,3 +89,12 @@ def fail_writes_after(monkeypatch, count: int) -> list[int]:
 
     monkeypatch.setattr("lora_loom.lora_core.patcher.write_patched", failing)
     return calls
+
+
+def write_dataset(folder, n=6):
+    """A small TrainLoRA dataset folder: toy-world scenes (64×64 PNGs) with their captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, item in enumerate(toy_dataset(n, seed=3)):
+        item.image.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(item.caption)
+    return folder

@@ -56,6 +56,7 @@ class Dataset:
     resolution: int
     items: list[Item]
     notes: list[str] = field(default_factory=list)
+    caption_prefix: str = ""  # the trigger word in front of every caption
 
     @property
     def num_train_images(self) -> int:
@@ -213,7 +214,7 @@ def scan_dataset(root: str | Path, *, resolution: int, caption_prefix: str = "")
         if names:
             shown = ", ".join(names[:5]) + (f", … ({len(names)} in all)" if len(names) > 5 else "")
             notes.append(f"{label}: {shown}")
-    return Dataset(root, resolution, items, notes)
+    return Dataset(root, resolution, items, notes, caption_prefix.strip())
 
 
 def load_pixels(item: Item) -> torch.Tensor:

@@ -69,6 +69,6 @@ def training_metadata(
         else "alpha/rank",
         "lora_loom.run_key": run_key,
     }
-    if settings.caption_prefix.strip():
-        metadata["modelspec.trigger_phrase"] = settings.caption_prefix.strip()
+    if dataset.caption_prefix:
+        metadata["modelspec.trigger_phrase"] = dataset.caption_prefix
     return {key: str(value) for key, value in metadata.items()}

@@ -22,7 +22,6 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    caption_prefix: str = ""
     rank: int = 16
     alpha: float = 16.0
     steps: int = 500

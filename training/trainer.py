@@ -181,19 +181,25 @@ def _training_modes(base: SDBase, settings: TrainSettings) -> Iterator[None]:
     """Train mode and (optionally) gradient checkpointing on the shared modules, restored afterwards."""
     unet, text_encoder = base.model.components.unet, base.model.components.text_encoder
     modes = {module: module.training for module in (unet, text_encoder)}
+    # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (5.x; the old names warn).
+    te_enable = getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)
+    te_disable = getattr(text_encoder, "activation_checkpointing_disable", text_encoder.gradient_checkpointing_disable)
+    te_checkpointing = settings.gradient_checkpointing and settings.train_text_encoder
     try:
         unet.train()
         text_encoder.train(settings.train_text_encoder)
         if settings.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-            if settings.train_text_encoder:
-                text_encoder.gradient_checkpointing_enable()
+        if te_checkpointing:
+            te_enable()
         yield
     finally:
         if settings.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
-            if settings.train_text_encoder:
-                text_encoder.gradient_checkpointing_disable()
+        if te_checkpointing:
+            te_disable()
+            # Enabling also hooks the token embedding so its output requires grad; disabling leaves that hook.
+            text_encoder.disable_input_require_grads()
         for module, training in modes.items():
             module.train(training)
 
