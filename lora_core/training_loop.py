@@ -75,11 +75,10 @@ def run_steps(
                 state["step"] += 1
                 state["elapsed"] = time.perf_counter() - started
                 done_here += 1
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # drawn with the bar, at most every 5 s
                 bar.update(1)
-                if state["step"] % log_every == 0:
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    if log is not None:
-                        log(state["step"], loss, state["elapsed"])
+                if log is not None and state["step"] % log_every == 0:
+                    log(state["step"], loss, state["elapsed"])
                 stopping = (
                     stop.requested
                     or (stop_after is not None and done_here >= stop_after)

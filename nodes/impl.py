@@ -84,6 +84,15 @@ def _checked_output_name(output_name: str) -> str:
     return name
 
 
+def _settings(**values):
+    from ..training.settings import SettingsError, TrainSettings
+
+    try:
+        return TrainSettings(**values)
+    except SettingsError as error:
+        raise SettingsError(f"TrainLoRA: {error}") from None
+
+
 def _host_messages(unique_id: str | None):
     """Inside the host: (should_stop, send(step info), preview(picture)). Headless: no-ops."""
     if not in_host():
@@ -110,14 +119,13 @@ def train_lora(base, dataset_dir: str, caption_prefix: str, rank: int, alpha: fl
     from ..files import atomic_write
     from ..sd15.images import to_image_batch, to_pil
     from ..sd15.sampling import sample
-    from ..training.dataset import scan_dataset
+    from ..training.dataset import DatasetError, scan_dataset
     from ..training.loss_chart import loss_chart
-    from ..training.settings import TrainSettings
     from ..training.trainer import TrainingInterrupted
     from ..training.trainer import train_lora as core_train_lora
 
     name = _checked_output_name(output_name)
-    settings = TrainSettings(
+    settings = _settings(
         rank=rank, alpha=alpha, steps=steps, learning_rate=learning_rate,
         text_encoder_lr=text_encoder_lr, batch_size=batch_size, resolution=resolution, seed=seed,
         train_text_encoder=train_text_encoder, target=target, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -126,8 +134,10 @@ def train_lora(base, dataset_dir: str, caption_prefix: str, rank: int, alpha: fl
         save_every_n_steps=save_every_n_steps, use_rslora=use_rslora, validation_prompt=validation_prompt,
         validation_every_n_steps=validation_every_n_steps if validation_prompt.strip() else 0,
     )  # fmt: skip
-    folder = dataset_folder(dataset_dir)
-    dataset = scan_dataset(folder, resolution=resolution, caption_prefix=caption_prefix)
+    try:
+        dataset = scan_dataset(dataset_folder(dataset_dir), resolution=resolution, caption_prefix=caption_prefix)
+    except DatasetError as error:
+        raise DatasetError(f"TrainLoRA: dataset_dir {dataset_dir!r}: {error}") from None
     output = save_path("loras", f"{name}.safetensors")
     should_stop, send = _host_messages(unique_id)
     update, close = step_progress(steps, "TrainLoRA")

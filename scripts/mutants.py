@@ -146,6 +146,42 @@ MUTANTS = (
         'pip install -q torch==2.13.0 -e ".[test]"',
         ("tests/test_install.py",),
     ),
+    Mutant(
+        "trained LoRA scaled by alpha/rank·1.01 in the forward pass",
+        "lora_core/injection.py",
+        "return F.linear(F.linear(x, adapter.down), adapter.up) * adapter.scale",
+        "return F.linear(F.linear(x, adapter.down), adapter.up) * adapter.scale * 1.01",
+        ("tests/test_train_reference.py",),
+    ),
+    Mutant(
+        "min-SNR weighting divided by SNR + 1 for epsilon",
+        "sd15/objective.py",
+        'return clamped / (snr + 1) if self.prediction_type == "v_prediction" else clamped / snr',
+        "return clamped / (snr + 1)",
+        ("tests/test_train_reference.py",),
+    ),
+    Mutant(
+        "optimizer state not resumed",
+        "lora_core/training_loop.py",
+        "    for key, part in parts.items():\n        part.load_state_dict(saved[key])",
+        "    for key, part in parts.items():\n        if key != 'optimizer':\n"
+        "            part.load_state_dict(saved[key])",
+        ("tests/test_trainer.py::test_an_interrupted_run_resumes_to_the_uninterrupted_file",),
+    ),
+    Mutant(
+        "the trained file's hooks left on the shared model",
+        "lora_core/injection.py",
+        "        for handle in handles:\n            handle.remove()",
+        "        pass",
+        ("tests/test_trainer.py::test_training_leaves_the_shared_model_bitwise_and_builds_on_the_applied_lora",),
+    ),
+    Mutant(
+        "safetensors metadata in the library's (random) order",
+        "lora_core/writer.py",
+        "    payload = canonical_header(save(tensors, metadata=full))",
+        "    payload = save(tensors, metadata=full)",
+        ("tests/test_trainer.py::test_same_inputs_give_a_bitwise_identical_file",),
+    ),
 )
 
 

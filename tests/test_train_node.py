@@ -111,3 +111,62 @@ def test_ctrl_c_saves_the_state_and_the_same_workflow_resumes_to_the_uninterrupt
     code, text = run_workflow(models, tmp_path / "out4", *steps)
     assert code == 0 and "already finished: returned the file, nothing trained" in text, text[-2000:]
     assert next((tmp_path / "out4" / "train_then_apply").glob("loss_curve_*.png")).is_file()
+
+
+def node_inputs(**changes):
+    inputs = {name: default for name, _, default in ISSUE_INPUTS if default is not None}
+    inputs.update(rank=4, alpha=4.0, steps=4, learning_rate=1e-3, resolution=64)
+    inputs.update(changes)
+    return inputs
+
+
+def test_a_relative_dataset_dir_is_in_the_input_folder_and_validation_samples_are_saved(tmp_path):
+    from lora_loom.sd15.base import load_base
+
+    from util import write_dataset
+
+    write_dataset(tmp_path / "input" / "shapes", n=2)
+    paths.set_models_dir(tmp_path / "models")
+    paths.set_input_dir(tmp_path / "input")
+    try:
+        returned = impl.train_lora(
+            load_base("tiny-sd15 (built-in)"),
+            **node_inputs(dataset_dir="shapes", output_name="val", validation_every_n_steps=2),
+            validation_prompt="a red circle",
+        )
+    finally:
+        paths.set_input_dir("input")
+    lora, name, curve = returned["result"]
+    assert name == "val.safetensors" and (tmp_path / "models" / "loras" / name).is_file()
+    assert curve.shape == (1, 320, 768, 3) and 0 <= curve.min() and curve.max() <= 1
+    assert sorted(p.name for p in (tmp_path / "models" / "loras").glob("*.png")) == [
+        "val-validation-step00000002.png", "val-validation-step00000004.png"
+    ]  # fmt: skip
+    assert "4 steps" in returned["ui"]["text"][0]
+
+
+def test_a_missing_dataset_names_the_folder(tmp_path):
+    from lora_loom.training.dataset import DatasetError
+
+    paths.set_models_dir(tmp_path / "models")
+    with pytest.raises(DatasetError, match=r"TrainLoRA: dataset_dir '.*no-such-set': .*no-such-set: no such folder"):
+        impl.train_lora(None, **node_inputs(dataset_dir=str(tmp_path / "no-such-set")))
+    assert not (tmp_path / "models").exists()
+
+
+def test_out_of_memory_says_which_setting_to_lower(tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from lora_loom.sd15.base import load_base
+    from lora_loom.training.trainer import TrainingError
+
+    from util import write_dataset
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", no_memory)
+    paths.set_models_dir(tmp_path / "models")
+    dataset = write_dataset(tmp_path / "data", n=2)
+    with pytest.raises(TrainingError, match="out of memory at step 1.*lower batch_size or resolution.*gradient_"):
+        impl.train_lora(load_base("tiny-sd15 (built-in)"), **node_inputs(dataset_dir=str(dataset)))

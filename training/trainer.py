@@ -271,6 +271,7 @@ def train_lora(
         notes.append(f"resumed from step {state['step']}/{settings.steps}")
         log.info("TrainLoRA: resuming %s from step %d/%d", name, state["step"], settings.steps)
     resumed_from = state["step"]
+    saved_at = [resumed_from if resumed_from else None]  # the step of the newest resume state on disk
 
     from diffusers import DDPMScheduler
 
@@ -334,9 +335,13 @@ def train_lora(
                 loss = objective.loss(prediction, x0, noise, timesteps)
                 value = loss.item()
                 if not math.isfinite(value):
+                    kept = (
+                        f"the last good state (step {saved_at[0]}) is kept in {state_path.name}"
+                        if saved_at[0] is not None
+                        else f"no state was saved yet (one is saved every {CHECKPOINT_EVERY} steps)"
+                    )
                     raise TrainingError(
-                        f"the loss became {value} at step {step + 1}/{settings.steps}: training stopped; "
-                        f"the last good state (step {_last_checkpoint(state)}) is kept in {state_path.name}. "
+                        f"the loss became {value} at step {step + 1}/{settings.steps}: training stopped; {kept}. "
                         "Lower learning_rate, or use mixed_precision fp32"
                     )
                 optimizer_step(loss, optimizer, schedule, parameters, settings.max_grad_norm, scaler)
@@ -353,6 +358,7 @@ def train_lora(
 
         def checkpoint() -> None:
             save_checkpoint(state_path, parts, generator, state)
+            saved_at[0] = state["step"]
 
         started = time.perf_counter()
 
@@ -414,10 +420,6 @@ def train_lora(
         notes=notes,
         validation_images=validation_images,
     )
-
-
-def _last_checkpoint(state: dict) -> int:
-    return state["step"] - state["step"] % state["checkpoint_every"]
 
 
 @contextlib.contextmanager
