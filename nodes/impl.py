@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from .paths import BUILT_IN_BASES, dataset_folder, folder_of, in_host, model_path, save_path
 from .progress import step_progress
@@ -94,7 +93,7 @@ def _settings(**values):
 
 
 def _host_messages(unique_id: str | None):
-    """Inside the host: (should_stop, send(step info), preview(picture)). Headless: no-ops."""
+    """Inside the host: (should_stop, send(step info) as a `lora_loom.train` message). Headless: (None, no-op)."""
     if not in_host():
         return None, (lambda info: None)
     import comfy.model_management  # only inside ComfyUI
@@ -116,9 +115,9 @@ def train_lora(base, dataset_dir: str, caption_prefix: str, rank: int, alpha: fl
                validation_every_n_steps: int = 0, unique_id: str | None = None):  # fmt: skip
     import time
 
-    from ..files import atomic_write
-    from ..sd15.images import to_image_batch, to_pil
-    from ..sd15.sampling import sample
+    from PIL import Image
+
+    from ..sd15.images import to_image_batch
     from ..training.dataset import DatasetError, scan_dataset
     from ..training.loss_chart import loss_chart
     from ..training.trainer import TrainingInterrupted
@@ -132,7 +131,7 @@ def train_lora(base, dataset_dir: str, caption_prefix: str, rank: int, alpha: fl
         warmup_steps=warmup_steps, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset,
         gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
         save_every_n_steps=save_every_n_steps, use_rslora=use_rslora, validation_prompt=validation_prompt,
-        validation_every_n_steps=validation_every_n_steps if validation_prompt.strip() else 0,
+        validation_every_n_steps=validation_every_n_steps,
     )  # fmt: skip
     try:
         dataset = scan_dataset(dataset_folder(dataset_dir), resolution=resolution, caption_prefix=caption_prefix)
@@ -142,30 +141,19 @@ def train_lora(base, dataset_dir: str, caption_prefix: str, rank: int, alpha: fl
     should_stop, send = _host_messages(unique_id)
     update, close = step_progress(steps, "TrainLoRA")
     losses: list[float] = []
-    preview = {"shown_at": 0.0, "validation": None}
+    shown_at = [0.0]
 
     def progress(info) -> None:
         losses.append(info.loss)
         send(info)
         picture = None
-        if in_host() and time.monotonic() - preview["shown_at"] > 5:  # a preview image every few seconds
-            preview["shown_at"] = time.monotonic()
-            picture = preview["validation"] or loss_chart(losses, [], steps, title=name)
+        if in_host() and time.monotonic() - shown_at[0] > 5:  # a preview image every few seconds
+            shown_at[0] = time.monotonic()
+            picture = Image.open(info.validation) if info.validation else loss_chart(losses, [], steps, title=name)
         update(info.step, info.total, picture)
 
-    def validate(step: int) -> Path:
-        image = sample(base, validation_prompt, seed=seed, width=resolution, height=resolution).images[0]
-        picture = to_pil(image)
-        path = output.with_name(f"{name}-validation-step{step:08d}.png")
-        atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))
-        preview["validation"] = picture
-        return path
-
     try:
-        result = core_train_lora(
-            base, dataset, settings, output, name=name, progress=progress, should_stop=should_stop,
-            validate=validate if settings.validation_every_n_steps else None,
-        )  # fmt: skip
+        result = core_train_lora(base, dataset, settings, output, name=name, progress=progress, should_stop=should_stop)
     except TrainingInterrupted:
         if in_host():
             import comfy.model_management

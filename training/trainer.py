@@ -68,6 +68,7 @@ class StepInfo:
     loss_ema: float
     lr: float
     eta_s: float
+    validation: Path | None = None  # the newest validation sample, if any
 
 
 @dataclass
@@ -213,15 +214,15 @@ def train_lora(
     name: str | None = None,
     progress: Callable[[StepInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    validate: Callable[[int], Path | None] | None = None,
     stop_after: int | None = None,
 ) -> TrainResult:
     """Train, write `output` (kohya format, atomically) and return the LoRA.
 
     `progress(StepInfo)` runs after every step (a host's cancel point: if it raises, the state is saved
-    first); `should_stop()` asks for a stop at the next step boundary; `validate(step)` runs every
-    `validation_every_n_steps` with the LoRA in the model and may return a picture's path; `stop_after`
-    stops after that many steps in this call (tests). Stopping raises `TrainingInterrupted` after saving.
+    first); `should_stop()` asks for a stop at the next step boundary; `stop_after` stops after that many
+    steps in this call (tests). Stopping raises `TrainingInterrupted` after saving. With a validation prompt,
+    a fixed-seed sample with the LoRA-in-training is saved next to the output every
+    `validation_every_n_steps` (`<name>-validation-step00000100.png`; the newest in `StepInfo.validation`).
     """
     output = Path(output)
     name = name or output.stem
@@ -365,17 +366,16 @@ def train_lora(
         def on_step(step: int, loss: float) -> None:
             if settings.save_every_n_steps and step % settings.save_every_n_steps == 0 and step < settings.steps:
                 _save(trainable, intermediate_path(output, step), step)
-            if validate is not None and settings.validation_every_n_steps:
-                if step % settings.validation_every_n_steps == 0 or step == settings.steps:
-                    with _sampling_modes(base):
-                        picture = validate(step)
-                    if picture is not None:
-                        validation_images.append(picture)
+            every = settings.validation_every_n_steps
+            if settings.validation_prompt.strip() and every and (step % every == 0 or step == settings.steps):
+                with _sampling_modes(base):
+                    validation_images.append(_validation_sample(base, settings, output, step))
             if progress is not None:
                 rate = (time.perf_counter() - started) / max(1, step - resumed_from)
                 lr = history.lrs[-1]
                 ema = smoothed(history.losses[-200:])[-1]
-                progress(StepInfo(step, settings.steps, loss, ema, lr, rate * (settings.steps - step)))
+                newest = validation_images[-1] if validation_images else None
+                progress(StepInfo(step, settings.steps, loss, ema, lr, rate * (settings.steps - step), newest))
 
         def _save(lora: TrainableLoRA, path: Path, step: int) -> Path:
             metadata = training_metadata(
@@ -420,6 +420,18 @@ def train_lora(
         notes=notes,
         validation_images=validation_images,
     )
+
+
+def _validation_sample(base: SDBase, settings: TrainSettings, output: Path, step: int) -> Path:
+    """A fixed-seed sample (the Sampler's defaults, at the training resolution) saved next to the output."""
+    from ..files import atomic_write
+    from ..sd15.images import to_pil
+    from ..sd15.sampling import sample
+
+    size = settings.resolution
+    picture = to_pil(sample(base, settings.validation_prompt, seed=settings.seed, width=size, height=size).images[0])
+    path = output.with_name(f"{output.stem}-validation-step{step:08d}.png")
+    return atomic_write(path, lambda temporary: picture.save(temporary, format="PNG"))
 
 
 @contextlib.contextmanager
