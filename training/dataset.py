@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import re
 from collections import Counter
@@ -139,10 +140,11 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), f"{mode} to RGB"
 
 
-def open_image(path: Path) -> tuple[Image.Image, str | None]:
-    """The image fully decoded as 8-bit RGB (and the conversion made, if any); DatasetError if unreadable."""
+def open_image(path: Path, data: bytes | None = None) -> tuple[Image.Image, str | None]:
+    """The image (from `data`, its file's bytes, when given) fully decoded as 8-bit RGB, and the conversion
+    made if any; DatasetError if unreadable."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data) if data is not None else path) as image:
             image.load()  # decode now: a truncated file fails here, not mid-training
             return _to_rgb(image)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
@@ -173,7 +175,8 @@ def scan_dataset(root: str | Path, *, resolution: int, caption_prefix: str = "")
             if path.suffix.lower() != CAPTION_EXTENSION and not path.name.startswith("."):
                 ignored.append(relative)
             continue
-        image, conversion = open_image(path)
+        data = path.read_bytes()  # read once: decoded for the checks, hashed for the cache keys
+        image, conversion = open_image(path, data)
         width, height = image.size
         if min(width, height) * FAR_BELOW < resolution:
             raise DatasetError(
@@ -197,7 +200,7 @@ def scan_dataset(root: str | Path, *, resolution: int, caption_prefix: str = "")
                 folder=folder,
                 repeats=repeats,
                 caption=_join_caption(caption_prefix, own_caption),
-                digest=hashlib.sha256(path.read_bytes()).hexdigest(),
+                digest=hashlib.sha256(data).hexdigest(),
                 size=(width, height),
                 bucket=nearest_bucket((width, height), sizes),
             )

@@ -9,6 +9,7 @@ factor: deterministic, as kohya's latent cache is stable across runs.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def encode_latents(dataset: Dataset, vae: torch.nn.Module, vae_key: str, counts:
 
 
 def encode_captions(
-    captions: list[str], encode: callable, text_key: str, counts: EncodeCounts
+    captions: list[str], encode: Callable[[str], torch.Tensor], text_key: str, counts: EncodeCounts
 ) -> dict[str, torch.Tensor]:
     """{caption: the frozen text encoder's last hidden state [77, width]} (float32, CPU); `encode(caption)`
     computes one."""
