@@ -130,12 +130,16 @@ def resume(path: str | os.PathLike, parts: Mapping[str, Any], generator: torch.G
     """Load `parts`, the generator and the counters from the checkpoint at `path`; False if there is none."""
     if not os.path.isfile(path):
         return False
-    saved = load_state(path)
+    restore(load_state(path), parts, generator, state)
+    return True
+
+
+def restore(saved: Mapping[str, Any], parts: Mapping[str, Any], generator: torch.Generator, state: dict) -> None:
+    """Load `parts`, the generator and the counters from a checkpoint already read with `load_state`."""
     for key, part in parts.items():
         part.load_state_dict(saved[key])
     generator.set_state(saved["generator"])
     state.update(step=saved["step"], elapsed=saved["elapsed"])
-    return True
 
 
 def save_checkpoint(path: str | os.PathLike, parts: Mapping[str, Any], generator: torch.Generator, state: dict) -> None:

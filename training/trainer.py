@@ -30,7 +30,7 @@ from ..lora_core.lora import LoRA
 from ..lora_core.state_files import StateFileError, load_state, save_state
 from ..lora_core.targets import kohya_targets
 from ..lora_core.trainable import TrainableLoRA
-from ..lora_core.training_loop import optimizer_step, resume, run_steps, save_checkpoint
+from ..lora_core.training_loop import optimizer_step, restore, run_steps, save_checkpoint
 from ..lora_core.writer import save_lora, tensor_data_hash
 from ..sd15.base import SDBase
 from ..sd15.objective import DiffusionObjective
@@ -268,7 +268,8 @@ def train_lora(
     parts = {"lora": trainable, "optimizer": optimizer, "schedule": schedule, "history": history, "run": record}
     if scaler is not None:
         parts["scaler"] = scaler
-    if saved is not None and resume(state_path, parts, generator, state):
+    if saved is not None:  # the state file was read above: restore from it rather than read it again
+        restore(saved, parts, generator, state)
         notes.append(f"resumed from step {state['step']}/{settings.steps}")
         log.info("TrainLoRA: resuming %s from step %d/%d", name, state["step"], settings.steps)
     resumed_from = state["step"]
