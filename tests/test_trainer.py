@@ -110,7 +110,9 @@ def test_training_leaves_the_shared_model_bitwise_and_builds_on_the_applied_lora
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [m.training for _, m in tiny_base.model.components.items()] == modes
     assert not any(p.requires_grad for _, m in tiny_base.model.components.items() for p in m.parameters())
-    assert not any(m._forward_hooks for _, m in tiny_base.model.components.items() for m in m.modules())
+    modules = [m for _, component in tiny_base.model.components.items() for m in component.modules()]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in modules)
     plain = train_lora(tiny_base, data, settings, tmp_path / "plain.safetensors")
     assert plain.losses[0] != on_lora.losses[0]  # the applied LoRA was part of the model trained on
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..lora_core.formats import load_lora
 from ..lora_core.injection import lora_in_forward
@@ -36,6 +37,7 @@ from ..sd15.base import SDBase
 from ..sd15.objective import DiffusionObjective
 from .dataset import Dataset, epoch_batches, hash_seed
 from .encoded import EncodeCounts, encode_captions, encode_latents
+from .heap import HeapBound, training_heap
 from .loss_chart import smoothed
 from .metadata import training_metadata
 from .settings import TrainSettings
@@ -177,24 +179,53 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
+# U-Net levels (from the full resolution down) whose blocks gradient checkpointing recomputes. The deeper levels'
+# activations are small (a 16th of the first level's per tensor and less) while their recomputation is the most
+# costly part of it (the largest weights: SD1.5's 1280-channel convs are re-read and reordered on every call), so
+# they keep their activations. Measured in bench/bench_train.py (full-size SD1.5, 256²).
+CHECKPOINTED_LEVELS = 2
+
+
+def _checkpointing_on(unet: torch.nn.Module, heap_bound: HeapBound | None) -> list[RemovableHandle]:
+    """diffusers' gradient checkpointing on the first `CHECKPOINTED_LEVELS` levels' blocks only; a `heap_bound`
+    applied where every U-Net block starts (checkpointed ones: by the checkpoint function; the deeper ones: by
+    hooks, returned for removal). `unet.disable_gradient_checkpointing()` turns all of it off again."""
+    unet.enable_gradient_checkpointing(heap_bound.checkpointing_func() if heap_bound is not None else None)
+    levels = len(unet.down_blocks)
+    deep = [*unet.down_blocks[CHECKPOINTED_LEVELS:], unet.mid_block, *unet.up_blocks[: levels - CHECKPOINTED_LEVELS]]
+    handles = []
+    for block in (block for block in deep if block is not None):
+        for module in block.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+        if heap_bound is not None:
+            for part in [*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or [])]:
+                handles.extend(heap_bound.watch(part))
+    return handles
+
+
 @contextlib.contextmanager
-def _training_modes(base: SDBase, settings: TrainSettings) -> Iterator[None]:
-    """Train mode and (optionally) gradient checkpointing on the shared modules, restored afterwards."""
+def _training_modes(base: SDBase, settings: TrainSettings, heap_bound: HeapBound | None = None) -> Iterator[None]:
+    """Train mode and (optionally) gradient checkpointing (see `_checkpointing_on`) on the shared modules,
+    restored afterwards."""
     unet, text_encoder = base.model.components.unet, base.model.components.text_encoder
     modes = {module: module.training for module in (unet, text_encoder)}
     # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (5.x; the old names warn).
     te_enable = getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)
     te_disable = getattr(text_encoder, "activation_checkpointing_disable", text_encoder.gradient_checkpointing_disable)
     te_checkpointing = settings.gradient_checkpointing and settings.train_text_encoder
+    handles: list[RemovableHandle] = []
     try:
         unet.train()
         text_encoder.train(settings.train_text_encoder)
         if settings.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            handles = _checkpointing_on(unet, heap_bound)
         if te_checkpointing:
             te_enable()
         yield
     finally:
+        for handle in handles:
+            handle.remove()
         if settings.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
         if te_checkpointing:
@@ -392,7 +423,11 @@ def train_lora(
             )
             return save_lora(lora.freeze(name), path, metadata=metadata)
 
-        with lora_in_forward(components, trainable), _training_modes(base, settings):
+        with (
+            training_heap(model.device, settings.gradient_checkpointing) as heap_bound,
+            lora_in_forward(components, trainable),
+            _training_modes(base, settings, heap_bound),
+        ):
             finished = run_steps(
                 settings.steps,
                 state,
