@@ -182,6 +182,22 @@ MUTANTS = (
         "    payload = save(tensors, metadata=full)",
         ("tests/test_trainer.py::test_same_inputs_give_a_bitwise_identical_file",),
     ),
+    Mutant(
+        "the heap bound never trims",
+        "training/heap.py",
+        "        if rss > self.floor + self.slack:",
+        "        if False:",
+        (
+            "tests/test_train_heap.py::test_training_heap_keeps_large_temporaries_bounds_the_free_space_and_restores_glibc",
+        ),
+    ),
+    Mutant(
+        "gradient checkpointing recomputes every U-Net level",
+        "training/trainer.py",
+        "CHECKPOINTED_LEVELS = 2",
+        "CHECKPOINTED_LEVELS = 4",
+        ("tests/test_train_heap.py::test_checkpointing_recomputes_the_first_levels_only_and_trains_the_same",),
+    ),
 )
 
 
