@@ -124,3 +124,18 @@ def test_scorer_every_shape_colour_size_and_input_type():
         arr = np.asarray(img)
         for other in (arr, arr.astype(np.float32) / 255.0):
             assert score(other, scene) == score(img, scene)
+
+
+def test_general_pictures_are_seeded_and_cover_colours_the_scenes_never_use():
+    from lora_loom.toyworld.pictures import general_picture
+
+    first = [np.asarray(general_picture(0, i)) for i in range(200)]
+    assert all(np.array_equal(a, np.asarray(general_picture(0, i))) for i, a in enumerate(first[:5]))
+    assert not np.array_equal(first[3], np.asarray(general_picture(1, 3)))
+    assert first[0].shape == (64, 64, 3) and general_picture(0, 0, size=32).size == (32, 32)
+    pixels = np.concatenate([a.reshape(-1, 3) for a in first]).astype(int)
+    # Most of an 8×8×8 grid over RGB is drawn (the nine scene colours fill 9 cells), cyan among it.
+    cells = {tuple(c) for c in np.unique(pixels // 32, axis=0)}
+    assert len(cells) > 400
+    near_cyan = np.abs(pixels - np.array(COLOURS["cyan"])).max(axis=1) < 24
+    assert near_cyan.mean() > 0.002

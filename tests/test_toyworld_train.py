@@ -11,8 +11,9 @@ from lora_loom.sd15.base import load_base
 from lora_loom.toyworld import train
 
 MICRO = train.Recipe(
-    n_images=32, vae_steps=4, vae_batch=4, clip_steps=4, clip_batch=4, unet_steps=4, unet_batch=4, checkpoint_every=100
-)
+    n_images=32, vae_steps=4, vae_batch=4, clip_steps=4, clip_batch=4, unet_steps=4, unet_batch=4, checkpoint_every=100,
+    vae_general_images=8,
+)  # fmt: skip
 
 
 OTHER_SEED = train.Recipe(**{**MICRO.__dict__, "seed": 1})

@@ -12,7 +12,9 @@ schedule with the text encoder frozen, min-SNR weighting, 10 % caption dropout f
 and an EMA of the U-Net. ``export`` writes the weights as one single-file LDM checkpoint. ``--device cuda``
 trains on a GPU (all random draws still come from CPU generators).
 
-Only the "base" split of :mod:`.scenes` is used: the held-out concepts (star, cyan) are never seen.
+Only the "base" split of :mod:`.scenes` is used: the held-out concepts (star, cyan) are never shown. The VAE
+also trains on general pictures (:mod:`.pictures`: random colours, polygons, curves, textures) so that it can
+reconstruct what the scenes never show; the U-Net and the text encoder see base scenes only.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ..files import atomic_write
 from ..lora_core.state_files import load_state, save_state
 from ..lora_core.training_loop import optimizer_step, resume, run_steps, save_checkpoint
 from ..sd15.objective import DiffusionObjective
+from .pictures import general_picture
 from .scenes import caption, render, sample_scene
 
 CONFIG_NAME = "toy-world-sd15"
@@ -46,6 +49,10 @@ class Recipe:
     captions_per_image: int = 3
     vae_steps: int = 2000
     vae_batch: int = 16
+    # General pictures (toyworld.pictures) the VAE trains on beside the scenes, and their share of each batch:
+    # so that it reconstructs what the scenes never show (held-out concepts, a LoRA's new ones). 0: scenes only.
+    vae_general_images: int = 0
+    vae_general_share: float = 0.5
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6
     clip_steps: int = 1500  # contrastive pretraining of the text encoder; 0: train it jointly with the U-Net
@@ -134,6 +141,20 @@ def make_data(out: Path, recipe: Recipe) -> dict:
     return data
 
 
+def make_general_pictures(out: Path, recipe: Recipe) -> torch.Tensor:
+    """Render the VAE's general pictures once (cached in ``out/general.safetensors``); empty with none."""
+    path = out / "general.safetensors"
+    if path.is_file():
+        return load_state(path)["images"]
+    images = np.empty((recipe.vae_general_images, recipe.image_size, recipe.image_size, 3), np.uint8)
+    for i in tqdm(range(recipe.vae_general_images), desc="render general pictures", mininterval=2):
+        images[i] = np.asarray(general_picture(recipe.seed, i, recipe.image_size))
+    pictures = torch.from_numpy(images)
+    if recipe.vae_general_images:
+        save_state(path, {"images": pictures})
+    return pictures
+
+
 def _to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -141,7 +162,15 @@ def _to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- VAE
 
 
-def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = None, device: str = "cpu") -> bool:
+def train_vae(
+    out: Path,
+    recipe: Recipe,
+    data: dict,
+    stop_after: int | None = None,
+    device: str = "cpu",
+    general: torch.Tensor | None = None,
+) -> bool:
+    """The autoencoder, on the scenes and (``general``, ``recipe.vae_general_share`` of each batch) pictures."""
     state_path = out / "vae_state.safetensors"
     vae = build_models(recipe.seed).vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
@@ -153,13 +182,19 @@ def train_vae(out: Path, recipe: Recipe, data: dict, stop_after: int | None = No
     if state["step"] >= recipe.vae_steps:
         return True
     images = data["images"].to(device)
+    general = general.to(device) if general is not None and len(general) else None
+    n_general = round(recipe.vae_batch * recipe.vae_general_share) if general is not None else 0
     vae.train()
 
     def one_step() -> float:
         # Random draws come from one CPU generator on every device, so a run's data order and noise do not
         # depend on where it trains (the arithmetic still differs between devices, in the last bits).
-        index = torch.randint(len(images), (recipe.vae_batch,), generator=generator)
-        x = _to_pixels(images[index.to(device)])
+        index = torch.randint(len(images), (recipe.vae_batch - n_general,), generator=generator)
+        batch = images[index.to(device)]
+        if n_general:
+            picked = torch.randint(len(general), (n_general,), generator=generator)
+            batch = torch.cat([batch, general[picked.to(device)]])
+        x = _to_pixels(batch)
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample  # CPU draws, moved over
         kl = posterior.kl().mean()
@@ -489,7 +524,8 @@ def run(
     if stage == "data":
         return True
     if stage in ("all", "vae"):
-        if not train_vae(out, recipe, data, stop_after, device):
+        general = make_general_pictures(out, recipe)
+        if not train_vae(out, recipe, data, stop_after, device, general):
             return False
         timings["vae_seconds"] = round(load_state(out / "vae_state.safetensors")["elapsed"], 1)
         save_timings()
@@ -534,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=Recipe.unet_steps)
     parser.add_argument("--vae-steps", type=int, default=Recipe.vae_steps)
     parser.add_argument("--n-images", type=int, default=Recipe.n_images)
+    parser.add_argument("--vae-general-images", type=int, default=Recipe.vae_general_images)
     parser.add_argument("--multires-noise-iterations", type=int, default=Recipe.multires_noise_iterations)
     parser.add_argument("--snr-floor", type=float, default=Recipe.snr_floor)
     parser.add_argument("--clip-steps", type=int, default=Recipe.clip_steps, help="0: no CLIP stage")
@@ -544,6 +581,7 @@ def main(argv: list[str] | None = None) -> None:
         unet_steps=args.unet_steps,
         vae_steps=args.vae_steps,
         n_images=args.n_images,
+        vae_general_images=args.vae_general_images,
         multires_noise_iterations=args.multires_noise_iterations,
         snr_floor=args.snr_floor,
         clip_steps=args.clip_steps,
