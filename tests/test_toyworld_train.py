@@ -12,7 +12,7 @@ from lora_loom.toyworld import train
 
 MICRO = train.Recipe(
     n_images=32, vae_steps=4, vae_batch=4, clip_steps=4, clip_batch=4, unet_steps=4, unet_batch=4, checkpoint_every=100,
-    vae_general_images=8,
+    vae_general_images=8, vae_edge_weight=1.0,
 )  # fmt: skip
 
 
@@ -93,3 +93,11 @@ def test_latent_rescaling_is_exact_and_gives_sd15_scale(tmp_path):
 def test_the_unet_stage_asks_for_the_clip_stage_first(vae_only_other_seed):
     with pytest.raises(SystemExit, match="--stage clip"):
         train.run(vae_only_other_seed, OTHER_SEED, "unet")
+
+
+def test_the_vae_edge_loss_is_zero_only_for_equal_edges():
+    image = torch.rand(2, 3, 8, 8)
+    assert train._edge_loss(image, image) == 0
+    assert train._edge_loss(image + 0.5, image) < 1e-6  # a constant shift leaves every edge as it was
+    blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1)
+    assert train._edge_loss(blurred, image) > 0.05
