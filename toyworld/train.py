@@ -12,9 +12,10 @@ schedule with the text encoder frozen, min-SNR weighting, 10 % caption dropout f
 and an EMA of the U-Net. ``export`` writes the weights as one single-file LDM checkpoint. ``--device cuda``
 trains on a GPU (all random draws still come from CPU generators).
 
-Only the "base" split of :mod:`.scenes` is used: the held-out concepts (star, cyan) are never shown. The VAE
-also trains on general pictures (:mod:`.pictures`: random colours, polygons, curves, textures) so that it can
-reconstruct what the scenes never show; the U-Net and the text encoder see base scenes only.
+Only the "base" split of :mod:`.scenes` is used: the held-out concepts (star, cyan) are never shown. With
+``vae_general_images`` the VAE also trains on general pictures (:mod:`.pictures`: random colours, polygons,
+curves, textures) so that it can reconstruct what the scenes never show; the U-Net and the text encoder see
+base scenes only.
 """
 
 from __future__ import annotations
