@@ -6,7 +6,6 @@ the toy base's quality) and imports its tools from here; none reaches into the e
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -26,6 +25,7 @@ from lora_loom.lora_core.synthetic import random_kohya_lora
 from lora_loom.lora_core.targets import kohya_targets
 from lora_loom.sd15.config_files import load_config_dicts
 from lora_loom.sd15.models import build_components, build_empty_components, save_single_file
+from lora_loom.training.heap import glibc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,10 +102,7 @@ def proc_status_bytes(field_name: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
-try:
-    _LIBC = ctypes.CDLL("libc.so.6")
-except OSError:  # not glibc: no malloc_trim
-    _LIBC = None
+_LIBC = glibc()  # None where the C library is not glibc: no malloc_trim
 
 
 def settle_memory() -> None:
