@@ -13,7 +13,9 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 from .nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes.web_routes import register_host_routes  # noqa: E402
 
 WEB_DIRECTORY = "./web"
+register_host_routes()  # only inside ComfyUI: its PromptServer serves the editor extensions' routes
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

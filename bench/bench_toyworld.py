@@ -17,9 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -27,65 +24,26 @@ from lora_loom.sd15.base import load_base  # noqa: E402
 from lora_loom.sd15.builtin import BUILT_IN_TOY  # noqa: E402
 from lora_loom.sd15.grid import image_grid  # noqa: E402
 from lora_loom.sd15.sampling import sample_pairs  # noqa: E402
-from lora_loom.toyworld import caption, dataset, scenes, score  # noqa: E402
+from lora_loom.toyworld.evaluate import (  # noqa: E402
+    ALL_FOUR,
+    ATTRIBUTES,
+    EVAL_SEED,
+    adherence,
+    concept_rates,
+    prompt_set,
+    vae_round_trip,
+)
 
 from common import write_doc  # noqa: E402
 
 HEADING = "## Toy-world base quality (bench/bench_toyworld.py)"
 GRID = ROOT / "docs" / "images" / "toy-world-grid.png"
-EVAL_SEED = 12345  # scene seed of the prompt set; training used seed 0
-ATTRIBUTES = ("background", "colour", "shape", "position", "size")
-GOALS = {"background": 0.90, "colour": 0.90, "shape": 0.75, "position": 0.80}
+# Issue 16's goals, at CFG 2 (the shipped workflows' setting) and CFG 7 (SD1.5's usual one, the Sampler default).
+GOALS = {"background": 0.95, "colour": 0.95, "shape": 0.90, "position": 0.95, "size": 0.85}
 SAMPLERS = ("euler", "dpmpp_2m", "ddim")
 CFGS = (1.0, 2.0, 7.0)
 DEFAULT_CFG = 2.0  # what the shipped workflows use on the toy base (best adherence of 1-9, see docs/toy-world.md)
 SIZE = 64
-
-
-def prompt_set(n: int, split: str = "base") -> tuple[list[str], list, list[int]]:
-    """n (caption, scene, seed) triples; the caption phrasing is drawn per scene from a fixed RNG."""
-    truth = scenes(n, EVAL_SEED, split)
-    rng = np.random.default_rng(EVAL_SEED)
-    return [caption(scene, rng) for scene in truth], truth, list(range(n))
-
-
-def evaluate(base, prompts, truth, seeds, *, sampler: str, cfg: float, steps: int, chunk: int = 50):
-    """Fraction correct per attribute (+ "all four"), and the images."""
-    hits = {name: 0 for name in ATTRIBUTES}
-    hits["all four"] = 0
-    images = []
-    for start in range(0, len(prompts), chunk):
-        result = sample_pairs(
-            base,
-            prompts[start : start + chunk],
-            seeds[start : start + chunk],
-            steps=steps,
-            cfg=cfg,
-            sampler_name=sampler,
-            width=SIZE,
-            height=SIZE,
-        )
-        for image, scene in zip(result.images, truth[start : start + chunk], strict=True):
-            pixels = (image.numpy() * 255).round().astype(np.uint8)
-            images.append(pixels)
-            verdict = score(pixels, scene)
-            for name in ATTRIBUTES:
-                hits[name] += bool(verdict[name])
-            hits["all four"] += all(verdict[name] for name in GOALS)
-    return {name: count / len(prompts) for name, count in hits.items()}, images
-
-
-@torch.no_grad()
-def vae_round_trip(base, split: str, n: int = 200) -> dict[str, float]:
-    """The VAE's ceiling: ground-truth images encoded and decoded (posterior mean), scored."""
-    vae = base.model.components.vae
-    samples = dataset(n, EVAL_SEED, split)
-    pixels = torch.from_numpy(np.stack([np.asarray(sample.image) for sample in samples]))
-    x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
-    images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    verdicts = [score(image, sample.scene) for image, sample in zip(images, samples, strict=True)]
-    return {name: float(np.mean([v[name] for v in verdicts])) for name in ATTRIBUTES}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,22 +54,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     base = load_base(BUILT_IN_TOY, dtype="fp32", device="cpu")
-    prompts, truth, seeds = prompt_set(args.pairs)
+    pairs = prompt_set(args.pairs)
     rows = []
     for sampler in SAMPLERS:
         for cfg in CFGS:
             started = time.perf_counter()
-            rates, _ = evaluate(base, prompts, truth, seeds, sampler=sampler, cfg=cfg, steps=args.steps)
+            rates, _ = adherence(base, pairs, sampler=sampler, cfg=cfg, steps=args.steps)
             seconds = time.perf_counter() - started
             rows.append((sampler, cfg, rates, seconds))
-            print(f"{sampler:9s} cfg {cfg:g}: " + ", ".join(f"{k} {v:.1%}" for k, v in rates.items()), flush=True)
-    ceiling = {split: vae_round_trip(base, split) for split in ("base", "held_out")}
-    print("VAE round trip: " + str(ceiling))
-    held_prompts, held_truth, held_seeds = prompt_set(100, "held_out")
-    held_rates, _ = evaluate(
-        base, held_prompts, held_truth, held_seeds, sampler="euler", cfg=DEFAULT_CFG, steps=args.steps
-    )
-    print("held-out concepts: " + ", ".join(f"{k} {v:.1%}" for k, v in held_rates.items()))
+            print(f"{sampler:9s} cfg {cfg:g}: {rates.summary()}", flush=True)
+    vae = base.model.components.vae
+    ceiling = {split: vae_round_trip(vae, split) for split in ("base", "held_out")}
+    held_pairs = prompt_set(100, "held_out")
+    held_rates, held_images = adherence(base, held_pairs, sampler="euler", cfg=DEFAULT_CFG, steps=args.steps)
+    held_concepts = concept_rates(held_images, held_pairs.truth)
+    print(f"held-out prompts: {held_rates.summary()}; concepts drawn: {held_concepts}")
+    prompts = pairs.prompts
 
     # Example grid: 6 prompts (rows) × 6 seeds (columns), euler, the workflows' CFG.
     grid_prompts = prompts[:6]
@@ -133,27 +91,28 @@ def main(argv: list[str] | None = None) -> None:
         f"Built-in `{BUILT_IN_TOY}` (fp32, CPU), {args.pairs} (prompt, seed) pairs per row, {args.steps} steps, "
         f"{SIZE}×{SIZE}, scheduler `normal`. Prompts are captions of scenes from seed {EVAL_SEED} (training used "
         "seed 0), base vocabulary; each image is scored by `toyworld.scorer` (plain image analysis) against its "
-        "scene. Position = column and row both right. Bold = goal met (background, colour ≥ 90 %, shape ≥ 75 %, "
-        "position ≥ 80 %). Regenerate with `python bench/bench_toyworld.py`.",
+        "scene. Position = column and row both right; size only on the prompts that name it "
+        f"({rows[0][2].counts['size']} of {args.pairs}; the captions name it 60 % of the time). Bold = goal met "
+        "(" + ", ".join(f"{name} ≥ {goal:.0%}" for name, goal in GOALS.items()) + "). "
+        "Regenerate with `python bench/bench_toyworld.py`.",
         "",
         "| sampler | CFG | background | colour | shape | position | size | all four | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for sampler, cfg, rates, seconds in rows:
         cells = [cell(rates[name], GOALS.get(name)) for name in ATTRIBUTES]
-        lines.append(f"| {sampler} | {cfg:g} | " + " | ".join(cells) + f" | {rates['all four']:.1%} | {seconds:.0f} |")
+        lines.append(f"| {sampler} | {cfg:g} | " + " | ".join(cells) + f" | {rates[ALL_FOUR]:.1%} | {seconds:.0f} |")
     lines += [
         "",
         "Held-out concepts (never in base training; for LoRA training later), 100 pairs, euler, "
-        f"CFG {DEFAULT_CFG:g} — low "
-        "shape/colour scores here are expected: "
-        + ", ".join(f"{name} {held_rates[name]:.1%}" for name in ATTRIBUTES)
-        + ".",
+        f"CFG {DEFAULT_CFG:g}: the base draws them at chance or below — "
+        + ", ".join(f"{concept} {rate:.1%} of its prompts" for concept, rate in held_concepts.items())
+        + f"; the prompts' other attributes: {held_rates.summary()}.",
         "",
         "VAE round trip (ground-truth images encoded and decoded, 200 each; the ceiling for any sampler): "
         + "; ".join(
-            f"{split} " + ", ".join(f"{name} {rates[name]:.1%}" for name in ATTRIBUTES)
-            for split, rates in ceiling.items()
+            f"{split} scenes {rates.summary()} (" + ", ".join(f"{c} {r:.1%}" for c, r in concepts.items()) + ")"
+            for split, (rates, concepts) in ceiling.items()
         )
         + ".",
         "",

@@ -167,10 +167,14 @@ def _split_suffix(key: str) -> tuple[str, str, str | None] | None:
     return None
 
 
-def _not_understood(report: LoadReport, key: str, stem: str) -> None:
+def not_understood_group(stem: str) -> str:
+    """The group a key the loader does not understand is reported under: its name up to the first index."""
     match = re.search(r"(?<=[._])\d+(?=[._]|$)", stem)  # the first block/layer index
-    group = stem[: match.start()] + "*…" if match else stem
-    report.not_understood.setdefault(group, []).append(key)
+    return stem[: match.start()] + "*…" if match else stem
+
+
+def _not_understood(report: LoadReport, key: str, stem: str) -> None:
+    report.not_understood.setdefault(not_understood_group(stem), []).append(key)
 
 
 def _architecture_hint(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -99,9 +99,12 @@ def _host_messages(unique_id: str | None):
     import comfy.model_management  # only inside ComfyUI
     from server import PromptServer
 
+    from .web_routes import record_train_message
+
     def send(info) -> None:
         message = {"node": unique_id, "step": info.step, "total": info.total, "loss": info.loss}
         message.update(loss_ema=info.loss_ema, lr=info.lr, eta_s=info.eta_s)
+        record_train_message(message)
         PromptServer.instance.send_sync("lora_loom.train", message)
 
     return comfy.model_management.processing_interrupted, send

@@ -95,6 +95,12 @@ def lora_choices() -> list[str]:
     return list_models("loras")
 
 
+def model_roots(kind: str) -> list[Path]:
+    """The folders a model kind is listed from: the host's (all of them), else the models dir's."""
+    host = _host_folder_paths()
+    return [Path(folder) for folder in host.get_folder_paths(kind)] if host is not None else [_models_dir / kind]
+
+
 def dataset_folder(dataset_dir: str) -> Path:
     """A TrainLoRA dataset: an absolute folder, a built-in set's name, or a folder in the input folder."""
     from ..toyworld.datasets import BUILT_IN_DATASETS, built_in_dataset

@@ -238,3 +238,15 @@ def test_loaders_run_again_when_their_file_is_replaced_under_the_same_name(model
     save_file(random_kohya_lora(parts, kohya_targets("attention"), seed=6, scale=0.3), str(lora_file))
     third = runner.run(prompt)
     assert sorted(third.executed) == ["2", "3", "4", "5"] and third.cached == ["1"]
+
+
+def test_every_input_has_a_tooltip_in_both_apis():
+    from lora_loom.nodes.contract import NODES
+    from lora_loom.nodes.schema import v1_input_types
+
+    for schema in NODES:
+        assert all(item.tooltip for item in schema.inputs), schema.node_id
+        v1 = v1_input_types(schema)
+        for section in ("required", "optional"):
+            for name, spec in v1.get(section, {}).items():
+                assert spec[1].get("tooltip"), (schema.node_id, name)

@@ -1,5 +1,6 @@
 """The toy-world training script: seeded, resumable to the same bits, exports a loadable checkpoint."""
 
+import json
 import math
 
 import pytest
@@ -101,3 +102,44 @@ def test_the_vae_edge_loss_is_zero_only_for_equal_edges():
     assert train._edge_loss(image + 0.5, image) < 1e-6  # a constant shift leaves every edge as it was
     blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1)
     assert train._edge_loss(blurred, image) > 0.05
+
+
+def test_a_fine_tune_starts_from_the_checkpoint_and_keeps_its_text_encoder(straight, tmp_path):
+    tune = tmp_path / "tune"
+    digest = train.place_init_weights(tune, straight / "base.safetensors")
+    recipe = train.Recipe(**{**MICRO.__dict__, "init_from": digest, "vae_steps": 1, "unet_steps": 1})
+    assert train.run(tune, recipe, "all", tune / "tuned.safetensors")
+    init = load_state(tune / train.INIT_WEIGHTS)
+    seeded = train.build_models(MICRO.seed)
+
+    def distances(trained: dict, component: str) -> tuple[float, float]:
+        start, fresh = init[component], getattr(seeded, component).state_dict()
+        to_start = max((trained[k] - start[k]).abs().max().item() for k in start)
+        to_fresh = max((trained[k] - fresh[k]).abs().max().item() for k in start)
+        return to_start, to_fresh
+
+    # One warm-up step (lr 5e-6) away from the checkpoint's weights; the micro run's 4 steps (and the export's
+    # float16 rounding) put those much further from a seeded start.
+    for trained, component in (
+        (load_state(tune / "vae_state.safetensors")["model"], "vae"),
+        (load_state(tune / "unet_state.safetensors")["unet"], "unet"),
+    ):
+        to_start, to_fresh = distances(trained, component)
+        assert 0 < to_start < to_fresh / 5, (component, to_start, to_fresh)
+    text_encoder = load_state(tune / "unet_state.safetensors")["text_encoder"]
+    assert all(torch.equal(text_encoder[k], init["text_encoder"][k]) for k in init["text_encoder"])
+    assert not (tune / "clip_state.safetensors").exists()  # no CLIP stage: the checkpoint's encoder is kept
+
+    from safetensors import safe_open
+
+    with safe_open(str(tune / "tuned.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata["lora_loom.recipe"])["init_from"] == digest
+    assert json.loads(metadata["lora_loom.init_recipe"]) == json.loads((straight / "recipe.json").read_text())
+
+    # The run folder holds that checkpoint's weights; a recipe naming another one is refused.
+    other_folder = tmp_path / "other"
+    train.place_init_weights(other_folder, straight / "base.safetensors")
+    other = train.Recipe(**{**recipe.__dict__, "init_from": "0" * 64})
+    with pytest.raises(SystemExit, match="another checkpoint"):
+        train.run(other_folder, other, "vae")

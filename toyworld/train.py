@@ -21,6 +21,7 @@ base scenes only.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..files import atomic_write
@@ -45,6 +47,9 @@ CONFIG_NAME = "toy-world-sd15"
 @dataclass(frozen=True)
 class Recipe:
     seed: int = 0
+    # sha256 of a toy-world checkpoint the run fine-tunes instead of starting from seeded weights ("": from
+    # scratch). Its VAE and U-Net are where those stages start; its text encoder replaces the CLIP stage.
+    init_from: str = ""
     image_size: int = 64
     n_images: int = 20000
     captions_per_image: int = 3
@@ -115,6 +120,46 @@ def build_models(seed: int):
     return build_components(CONFIG_NAME, seed=seed)
 
 
+INIT_WEIGHTS = "init_weights.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def place_init_weights(out: Path, checkpoint: Path) -> str:
+    """Copy a toy-world checkpoint's weights into a run folder as the start of a fine-tune; its sha256.
+
+    The run's recipe records only that hash; the checkpoint's own recipe (its metadata) is kept beside it in
+    ``init_recipe.json`` and goes into the exported file, so the chain of runs stays on record.
+    """
+    from ..sd15.models import load_single_file
+
+    components, _ = load_single_file(checkpoint, dtype=torch.float32)
+    weights = {name: module.state_dict() for name, module in components.items()}
+    digest = file_sha256(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    save_state(out / INIT_WEIGHTS, {**weights, "sha256": digest})
+    with safe_open(str(checkpoint), framework="pt") as f:
+        recipe = (f.metadata() or {}).get("lora_loom.recipe", "{}")
+    (out / "init_recipe.json").write_text(recipe + "\n")
+    return digest
+
+
+def _init_weights(out: Path, recipe: Recipe) -> dict:
+    path = out / INIT_WEIGHTS
+    if not path.is_file():
+        raise SystemExit(f"{out}: the recipe fine-tunes checkpoint {recipe.init_from[:12]}; pass it with --init-from")
+    weights = load_state(path)
+    if weights["sha256"] != recipe.init_from:
+        raise SystemExit(f"{path} holds another checkpoint than the recipe's {recipe.init_from[:12]}")
+    return weights
+
+
 # ----------------------------------------------------------------------------------------------- data
 
 
@@ -183,7 +228,10 @@ def train_vae(
 ) -> bool:
     """The autoencoder, on the scenes and (``general``, ``recipe.vae_general_share`` of each batch) pictures."""
     state_path = out / "vae_state.safetensors"
-    vae = build_models(recipe.seed).vae.to(device)
+    vae = build_models(recipe.seed).vae
+    if recipe.init_from:
+        vae.load_state_dict(_init_weights(out, recipe)["vae"])
+    vae = vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(100, recipe.vae_steps))
     generator = torch.Generator().manual_seed(recipe.seed + 1)
@@ -356,6 +404,8 @@ def train_unet(
 
     state_path = out / "unet_state.safetensors"
     components = build_models(recipe.seed)
+    if recipe.init_from:
+        components.unet.load_state_dict(_init_weights(out, recipe)["unet"])
     unet, text_encoder = components.unet.to(device), components.text_encoder.to(device)
     joint = recipe.clip_steps == 0  # without a CLIP stage the text encoder trains here, from scratch
     if not joint:  # SD1.5's way: the CLIP-trained text encoder stays frozen
@@ -450,6 +500,8 @@ def export(out: Path, recipe: Recipe, destination: Path, dtype: torch.dtype = to
         "lora_loom.unet_steps_done": str(state["step"]),
         "lora_loom.train_seconds": json.dumps(timings),
     }
+    if recipe.init_from:  # a fine-tune: the recipe of the checkpoint it started from, too
+        metadata["lora_loom.init_recipe"] = (out / "init_recipe.json").read_text().strip()
     parts = SD15Components(components.unet, components.vae, components.text_encoder)
     return atomic_write(
         destination, lambda temporary: save_single_file(parts, temporary, dtype=dtype, metadata=metadata)
@@ -542,7 +594,9 @@ def run(
             return False
         timings["vae_seconds"] = round(load_state(out / "vae_state.safetensors")["elapsed"], 1)
         save_timings()
-    if stage in ("all", "clip") and recipe.clip_steps:
+    if stage in ("all", "clip") and recipe.init_from:  # a fine-tune keeps the checkpoint's text encoder
+        save_state(out / "text_encoder_clip.safetensors", _init_weights(out, recipe)["text_encoder"])
+    elif stage in ("all", "clip") and recipe.clip_steps:
         if not train_clip(out, recipe, data, stop_after, device):
             return False
         timings["clip_seconds"] = round(load_state(out / "clip_state.safetensors")["elapsed"], 1)
@@ -588,9 +642,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--multires-noise-iterations", type=int, default=Recipe.multires_noise_iterations)
     parser.add_argument("--snr-floor", type=float, default=Recipe.snr_floor)
     parser.add_argument("--clip-steps", type=int, default=Recipe.clip_steps, help="0: no CLIP stage")
+    parser.add_argument("--vae-lr", type=float, default=Recipe.vae_lr)
+    parser.add_argument("--unet-lr", type=float, default=Recipe.unet_lr)
+    parser.add_argument("--caption-dropout", type=float, default=Recipe.caption_dropout)
+    parser.add_argument(
+        "--init-from", type=Path, help="fine-tune this toy-world checkpoint instead of training from scratch"
+    )
     parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
     args = parser.parse_args(argv)
+    init_from = place_init_weights(args.out, args.init_from) if args.init_from is not None else ""
     recipe = Recipe(
+        init_from=init_from,
+        vae_lr=args.vae_lr,
+        unet_lr=args.unet_lr,
+        caption_dropout=args.caption_dropout,
         seed=args.seed,
         unet_steps=args.unet_steps,
         vae_steps=args.vae_steps,

@@ -1,0 +1,187 @@
+// Served at /extensions/<pack folder>/js/ by the host (WEB_DIRECTORY = "./web"), hence the three "../".
+// LoRA Loom in the ComfyUI editor: a live loss chart on TrainLoRA, a LoRA inspector on LoadLoRA (and an
+// info action on ApplyLoRA), run results on the nodes, and the pack's node colours. The logic lives in
+// loss_chart.js and inspector.js (plain modules, tested under node); this file only wires it to the editor.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
+import { LossHistory, drawChart } from "./loss_chart.js";
+import { clipboardText, infoUrl, inspectorRows } from "./inspector.js";
+
+const OUR_NODES = ["LoadBase", "LoadLoRA", "ApplyLoRA", "FuseLoRA", "TrainLoRA", "Sampler", "LoomImageGrid"];
+const COLOUR = { color: "#2a4a6a", bgcolor: "#1d3347" };
+const CURVE_PROPERTY = "lora_loom_curve"; // saved with the workflow: the last curve survives a reopen
+const CHART_HEIGHT = 160;
+
+const charts = new Map(); // node id (string) → { node, history, canvas }
+
+function chartFor(nodeId) {
+  return charts.get(String(nodeId));
+}
+
+function redraw(entry) {
+  const canvas = entry.canvas;
+  const width = Math.max(200, Math.floor(canvas.clientWidth || entry.node.size[0] - 20));
+  if (canvas.width !== width) canvas.width = width;
+  canvas.height = CHART_HEIGHT;
+  const ctx = canvas.getContext("2d");
+  if (ctx) drawChart(ctx, entry.history, canvas.width, canvas.height);
+}
+
+function addChart(node) {
+  const canvas = document.createElement("canvas");
+  canvas.className = "lora-loom-chart";
+  canvas.style.width = "100%";
+  canvas.height = CHART_HEIGHT;
+  const entry = { node, history: LossHistory.fromJSON(node.properties?.[CURVE_PROPERTY]), canvas };
+  node.addDOMWidget("loss_chart", "lora_loom_chart", canvas, {
+    serialize: false,
+    getMinHeight: () => CHART_HEIGHT,
+  });
+  charts.set(String(node.id), entry);
+  const removed = node.onRemoved;
+  node.onRemoved = function () {
+    charts.delete(String(node.id));
+    return removed?.apply(this, arguments);
+  };
+  requestAnimationFrame(() => redraw(entry));
+  return entry;
+}
+
+function onTrainMessage(message) {
+  const entry = chartFor(message?.node);
+  if (!entry || !entry.history.add(message)) return;
+  entry.node.properties = entry.node.properties || {};
+  entry.node.properties[CURVE_PROPERTY] = entry.history.toJSON();
+  redraw(entry);
+}
+
+async function catchUp() {
+  // After a page reload mid-run: the server keeps the messages of the runs in progress.
+  try {
+    const response = await api.fetchApi("/lora_loom/train_history");
+    if (!response.ok) return;
+    const runs = await response.json();
+    for (const messages of Object.values(runs)) messages.forEach(onTrainMessage);
+  } catch (error) {
+    console.warn("LoRA Loom: no training history", error);
+  }
+}
+
+function addInspector(node) {
+  const box = document.createElement("div");
+  box.className = "lora-loom-inspector";
+  box.style.cssText = "font: 11px sans-serif; color: #ccc; overflow: auto; padding: 2px 4px;";
+  node.addDOMWidget("lora_info", "lora_loom_inspector", box, { serialize: false, getMinHeight: () => 150 });
+  const widget = node.widgets?.find((w) => w.name === "lora_name");
+  const show = async () => {
+    const name = widget?.value;
+    if (!name) return;
+    box.textContent = "reading…";
+    let info;
+    try {
+      const response = await api.fetchApi(infoUrl(name));
+      info = await response.json();
+    } catch (error) {
+      info = { error: String(error) };
+    }
+    node.loraLoomInfo = info;
+    renderInspector(box, info);
+  };
+  if (widget) {
+    const callback = widget.callback;
+    widget.callback = function () {
+      const result = callback?.apply(this, arguments);
+      show();
+      return result;
+    };
+  }
+  node.loraLoomShowInfo = show;
+  return show;
+}
+
+function renderInspector(box, info) {
+  box.replaceChildren();
+  const table = document.createElement("table");
+  for (const [label, text] of inspectorRows(info)) {
+    const row = table.insertRow();
+    const key = row.insertCell();
+    key.textContent = label;
+    key.style.cssText = "color: #8ab; padding-right: 6px; vertical-align: top; white-space: nowrap;";
+    row.insertCell().textContent = text;
+  }
+  box.append(table);
+  const words = clipboardText(info);
+  if (words) {
+    const button = document.createElement("button");
+    button.textContent = "copy trigger words";
+    button.onclick = () => navigator.clipboard?.writeText(words);
+    box.append(button);
+  }
+}
+
+function upstreamLoadLoRA(node) {
+  const input = node.inputs?.find((i) => i.name === "lora");
+  const link = input?.link != null ? app.graph.links[input.link] : null;
+  const source = link ? app.graph.getNodeById(link.origin_id) : null;
+  return source?.comfyClass === "LoadLoRA" ? source : null;
+}
+
+function showResult(node, lines) {
+  if (!lines?.length) return;
+  let widget = node.widgets?.find((w) => w.name === "lora_loom_result");
+  if (!widget) {
+    const box = document.createElement("div");
+    box.style.cssText = "font: 11px monospace; color: #cdc; white-space: pre-wrap; padding: 2px 4px;";
+    widget = node.addDOMWidget("lora_loom_result", "lora_loom_result", box, { serialize: false });
+  }
+  widget.element.textContent = lines.join("\n");
+}
+
+app.registerExtension({
+  name: "lora_loom.editor",
+
+  async setup() {
+    api.addEventListener("lora_loom.train", (event) => onTrainMessage(event.detail));
+    api.addEventListener("executed", (event) => {
+      const { node: nodeId, output } = event.detail || {};
+      const node = app.graph?.getNodeById(Number(nodeId)) ?? app.graph?.getNodeById(nodeId);
+      if (node && Array.isArray(output?.text)) showResult(node, output.text); // the nodes' "ui" text
+    });
+    await catchUp();
+  },
+
+  nodeCreated(node) {
+    if (!OUR_NODES.includes(node.comfyClass)) return;
+    Object.assign(node, COLOUR);
+    if (node.comfyClass === "TrainLoRA") addChart(node);
+    if (node.comfyClass === "LoadLoRA") addInspector(node)();
+  },
+
+  loadedGraphNode(node) {
+    // A workflow opened from file or restored: the saved curve, and the inspector for the saved LoRA.
+    const entry = chartFor(node.id);
+    if (entry && entry.node !== node) charts.delete(String(node.id));
+    if (node.comfyClass === "TrainLoRA") {
+      const chart = chartFor(node.id) ?? addChart(node);
+      chart.history = LossHistory.fromJSON(node.properties?.[CURVE_PROPERTY]);
+      redraw(chart);
+    }
+    if (node.comfyClass === "LoadLoRA") node.loraLoomShowInfo?.();
+  },
+
+  getNodeMenuItems(node) {
+    if (node.comfyClass !== "ApplyLoRA") return [];
+    const source = upstreamLoadLoRA(node);
+    return [
+      {
+        content: "LoRA info",
+        disabled: !source,
+        callback: () => {
+          const rows = inspectorRows(source?.loraLoomInfo);
+          const text = rows.map(([label, value]) => `${label}: ${value}`).join("\n");
+          app.extensionManager?.toast?.add({ severity: "info", summary: "LoRA info", detail: text, life: 8000 });
+        },
+      },
+    ];
+  },
+});
