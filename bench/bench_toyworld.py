@@ -51,13 +51,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=200)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--checkpoint", help="measure this toy-world checkpoint instead (implies --no-doc)")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated subset")
+    parser.add_argument("--cfgs", default=",".join(f"{c:g}" for c in CFGS), help="comma-separated subset")
     args = parser.parse_args(argv)
+    args.no_doc = args.no_doc or args.checkpoint is not None
 
-    base = load_base(BUILT_IN_TOY, dtype="fp32", device="cpu")
+    base = load_base(args.checkpoint or BUILT_IN_TOY, dtype="fp32", device="cpu")
     pairs = prompt_set(args.pairs)
     rows = []
-    for sampler in SAMPLERS:
-        for cfg in CFGS:
+    for sampler in args.samplers.split(","):
+        for cfg in (float(c) for c in args.cfgs.split(",")):
             started = time.perf_counter()
             rates, _ = adherence(base, pairs, sampler=sampler, cfg=cfg, steps=args.steps)
             seconds = time.perf_counter() - started

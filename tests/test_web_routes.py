@@ -102,3 +102,38 @@ def test_training_messages_are_kept_per_node_for_a_reloaded_editor(monkeypatch):
     for step in range(2, 30):
         web_routes.record_train_message({"node": "7", "step": step, "total": 30, "loss": 0.4})
     assert [m["step"] for m in web_routes.train_history()["7"]] == list(range(20, 30))
+
+
+def test_the_routes_through_aiohttp(loras, monkeypatch):
+    """The same answers through a real aiohttp server, the way the host's PromptServer serves them."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    monkeypatch.setattr(web_routes, "_train_runs", {"3": [{"node": "3", "step": 1, "total": 2, "loss": 0.7}]})
+    routes = web.RouteTableDef()
+    web_routes.register_routes(routes)
+    application = web.Application()
+    application.add_routes(routes)
+
+    async def ask() -> list:
+        async with TestClient(TestServer(application)) as client:
+            answers = []
+            for query in ("good.safetensors", "sub/nested.safetensors", "../outside/secret.safetensors"):
+                response = await client.get(web_routes.LORA_INFO_ROUTE, params={"name": query})
+                answers.append((response.status, await response.json()))
+            # Encoded by hand, as a crafted URL would be: %2e%2e%2f reaches the handler as "../".
+            response = await client.get(web_routes.LORA_INFO_ROUTE + "?name=%2e%2e%2foutside%2fsecret.safetensors")
+            answers.append((response.status, await response.json()))
+            response = await client.get(web_routes.LORA_INFO_ROUTE + "?name=corrupt.safetensors")
+            answers.append((response.status, await response.json()))
+            response = await client.get(web_routes.TRAIN_HISTORY_ROUTE)
+            answers.append((response.status, await response.json()))
+            return answers
+
+    good, nested, out, encoded, corrupt, history = asyncio.run(ask())
+    assert good[0] == 200 and good[1]["modules"]["unet"] > 0 and nested[0] == 200
+    assert out[0] == 403 and encoded[0] == 403 and "error" in out[1]
+    assert corrupt[0] == 422 and "not JSON" in corrupt[1]["error"]
+    assert history == (200, {"3": [{"node": "3", "step": 1, "total": 2, "loss": 0.7}]})

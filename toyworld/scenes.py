@@ -176,7 +176,7 @@ def dataset(n: int, seed: int, split: str = "base", size: int = 64) -> list[Samp
 # ---------------------------------------------------------------------------------------------- rendering
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, d: float, fill, bg) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, d: float, fill, bg) -> None:
     r = d / 2
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -213,9 +213,9 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     draw = ImageDraw.Draw(img)
     cx = (COLUMN_FRAC[scene.column] + scene.dx) * s
     cy = (ROW_FRAC[scene.row] + scene.dy) * s
-    _draw_shape(draw, scene.shape, cx, cy, SIZE_FRAC[scene.size] * s, COLOURS[scene.colour], bg)
+    draw_shape(draw, scene.shape, cx, cy, SIZE_FRAC[scene.size] * s, COLOURS[scene.colour], bg)
     if scene.has_second:
-        _draw_shape(
+        draw_shape(
             draw,
             scene.second_shape,
             COLUMN_FRAC[scene.second_column] * s,

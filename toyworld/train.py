@@ -638,6 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-steps", type=int, default=Recipe.vae_steps)
     parser.add_argument("--n-images", type=int, default=Recipe.n_images)
     parser.add_argument("--vae-general-images", type=int, default=Recipe.vae_general_images)
+    parser.add_argument("--vae-general-share", type=float, default=Recipe.vae_general_share)
     parser.add_argument("--vae-edge-weight", type=float, default=Recipe.vae_edge_weight)
     parser.add_argument("--multires-noise-iterations", type=int, default=Recipe.multires_noise_iterations)
     parser.add_argument("--snr-floor", type=float, default=Recipe.snr_floor)
@@ -661,6 +662,7 @@ def main(argv: list[str] | None = None) -> None:
         vae_steps=args.vae_steps,
         n_images=args.n_images,
         vae_general_images=args.vae_general_images,
+        vae_general_share=args.vae_general_share,
         vae_edge_weight=args.vae_edge_weight,
         multires_noise_iterations=args.multires_noise_iterations,
         snr_floor=args.snr_floor,
