@@ -104,6 +104,7 @@ def _host_messages(unique_id: str | None):
     def send(info) -> None:
         message = {"node": unique_id, "step": info.step, "total": info.total, "loss": info.loss}
         message.update(loss_ema=info.loss_ema, lr=info.lr, eta_s=info.eta_s)
+        message["prompt_id"] = getattr(PromptServer.instance, "last_prompt_id", None)  # which queued run
         record_train_message(message)
         PromptServer.instance.send_sync("lora_loom.train", message)
 

@@ -10,6 +10,7 @@ loss chart catches up with it after a page reload).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import unquote
@@ -32,7 +33,7 @@ def record_train_message(message: dict) -> None:
     node = str(message.get("node"))
     with _train_runs_lock:
         run = _train_runs.setdefault(node, [])
-        if run and message["step"] <= run[-1]["step"]:
+        if run and (message["step"] <= run[-1]["step"] or message.get("prompt_id") != run[-1].get("prompt_id")):
             run.clear()  # a new run of that node
         run.append(dict(message))
         del run[:-MAX_KEPT_MESSAGES]
@@ -100,16 +101,16 @@ def lora_info(name: object) -> tuple[int, dict]:
 
 
 def register_host_routes() -> bool:
-    """Register on the running host's PromptServer; False (and nothing imported) outside ComfyUI."""
-    from .paths import in_host
+    """Register on the running host's PromptServer; False outside a running ComfyUI server.
 
-    if not in_host():
+    The host's main.py has imported its `server` module and made the PromptServer before it loads custom
+    nodes, so we only look it up: importing it ourselves would start loading the host's model code.
+    """
+    server = sys.modules.get("server")
+    prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if prompt_server is None:
         return False
-    from server import PromptServer  # ComfyUI's own module
-
-    if getattr(PromptServer, "instance", None) is None:
-        return False
-    register_routes(PromptServer.instance.routes)
+    register_routes(prompt_server.routes)
     return True
 
 

@@ -5,6 +5,9 @@
 Needs a ComfyUI checkout (Comfy-Org/ComfyUI) with its requirements installed (its `comfyui-frontend-package`
 comes from PyPI), Debian's `chromium` (or CHROMIUM=/path/to/chrome) and `playwright-core` from npm
 (`npm install --no-save playwright-core` here, or `--playwright-core` naming a folder where it is installed).
+ComfyUI imports torchvision at start-up: where PyPI's torchvision does not match the installed torch (e.g. the
+CPU wheel `torch==2.13.0`), install a matching pair into ComfyUI's environment (`torch==2.14.1
+torchvision==0.29.1`). Checked with ComfyUI a125cd8 and its comfyui-frontend-package 1.27.10.
 The script
 
 1. links this checkout into ComfyUI's `custom_nodes/` (as `lora_loom`, unless it is already there) and
@@ -54,7 +57,7 @@ def write_lora(python: str, comfyui: Path) -> None:
     """A rank-4 kohya LoRA for the toy base with kohya training metadata (what the inspector shows)."""
     code = f"""
 import json, sys
-sys.path.insert(0, "custom_nodes")  # the pack, linked there as lora_loom
+sys.path.insert(0, {str(comfyui / "custom_nodes")!r})  # the pack, linked there as lora_loom
 from lora_loom.lora_core.synthetic import random_kohya_lora
 from lora_loom.lora_core.formats import parse_lora
 from lora_loom.lora_core.targets import kohya_targets
@@ -69,7 +72,8 @@ save_lora(lora, {str(comfyui / "models" / "loras" / LORA_NAME)!r}, metadata={{
     "ss_tag_frequency": json.dumps(tags), "ss_steps": 300, "ss_resolution": "(64, 64)",
     "ss_optimizer": "torch.optim.adamw.AdamW", "ss_base_model_version": "sd_v1"}})
 """
-    subprocess.run([python, "-c", code], check=True, cwd=comfyui)
+    # Not from the ComfyUI folder: there its `folder_paths` is importable and the pack would act as in the host.
+    subprocess.run([python, "-c", code], check=True, cwd=comfyui / "custom_nodes")
 
 
 def short_training_workflow(folder: Path) -> Path:
@@ -78,6 +82,7 @@ def short_training_workflow(folder: Path) -> Path:
         if node["type"] == "TrainLoRA":
             node["widgets_values"][4] = TRAIN_STEPS
             node["widgets_values"][21] = f"editor-check-{int(time.time())}"  # a new file: the run really trains
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "editor_check_train.json"
     path.write_text(json.dumps(workflow))
     return path

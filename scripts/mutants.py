@@ -35,6 +35,27 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "the inspector route follows links out of the loras folders",
+        "nodes/web_routes.py",
+        "    if not any(real.is_relative_to(root) for root in roots):",
+        "    if False:",
+        ("tests/test_web_routes.py",),
+    ),
+    Mutant(
+        "the inspector route checks only the name as sent, not its URL-decoded forms",
+        "nodes/web_routes.py",
+        "    for _ in range(2):\n        found.append(unquote(found[-1]))",
+        "    pass",
+        ("tests/test_web_routes.py",),
+    ),
+    Mutant(
+        "the inspector reads a kohya alpha as the rank",
+        "lora_core/inspect.py",
+        '                module["alpha"] = _read_scalar(f, data_start, entry)',
+        '                module["alpha"] = None',
+        ("tests/test_inspect.py",),
+    ),
+    Mutant(
         "a sampler name mapped to another (lms → euler)",
         "sd15/sampling.py",
         '"lms": diffusers.LMSDiscreteScheduler,',

@@ -59,7 +59,13 @@ def test_v1_contract_matches_the_issue():
     ]
     assert NODE_CLASS_MAPPINGS["Sampler"].RETURN_TYPES == ("IMAGE", "LATENT")
     apply = NODE_CLASS_MAPPINGS["ApplyLoRA"].INPUT_TYPES()["required"]
-    assert apply["strength_unet"] == ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01})
+    kind, options = apply["strength_unet"]
+    assert kind == "FLOAT" and {k: options[k] for k in ("default", "min", "max", "step")} == {
+        "default": 1.0,
+        "min": -10.0,
+        "max": 10.0,
+        "step": 0.01,
+    }
     assert list(apply) == ["base", "lora", "strength_unet", "strength_text_encoder"]
     # The trained toy-world base is the editor's default choice; the random tiny base stays available.
     assert NODE_CLASS_MAPPINGS["LoadBase"].INPUT_TYPES()["required"]["ckpt_name"][0][:2] == [

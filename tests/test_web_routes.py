@@ -98,10 +98,12 @@ def test_training_messages_are_kept_per_node_for_a_reloaded_editor(monkeypatch):
     assert [m["step"] for m in history["7"]] == [1, 2, 3] and [m["step"] for m in history["9"]] == [1]
     web_routes.record_train_message({"node": "7", "step": 1, "total": 3, "loss": 0.4})  # that node runs again
     assert [m["step"] for m in web_routes.train_history()["7"]] == [1]
+    web_routes.record_train_message({"node": "7", "step": 2, "total": 3, "loss": 0.4, "prompt_id": "b"})
+    assert [m["step"] for m in web_routes.train_history()["7"]] == [2]  # another queued run of that node
     monkeypatch.setattr(web_routes, "MAX_KEPT_MESSAGES", 10)
-    for step in range(2, 30):
-        web_routes.record_train_message({"node": "7", "step": step, "total": 30, "loss": 0.4})
-    assert [m["step"] for m in web_routes.train_history()["7"]] == list(range(20, 30))
+    for step in range(3, 31):
+        web_routes.record_train_message({"node": "7", "step": step, "total": 30, "loss": 0.4, "prompt_id": "b"})
+    assert [m["step"] for m in web_routes.train_history()["7"]] == list(range(21, 31))
 
 
 def test_the_routes_through_aiohttp(loras, monkeypatch):

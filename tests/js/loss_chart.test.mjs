@@ -98,3 +98,12 @@ test("drawing puts the status line, both loss lines and the lr line on the canva
   const empty = recordingContext();
   assert.equal(drawChart(empty, new LossHistory(), 300, 160), 0);
 });
+
+test("a replay of the server's messages keeps the live points that came after them", () => {
+  const live = new LossHistory();
+  [1, 2, 3, 7, 8].forEach((s) => live.add(message(s))); // reloaded page: saved 1-3, then live 7 and 8
+  const server = [1, 2, 3, 4, 5, 6, 7].map((s) => message(s));
+  const merged = LossHistory.replay(server, live);
+  assert.deepEqual(merged.points.map((p) => p[0]), [1, 2, 3, 4, 5, 6, 7, 8]);
+  assert.equal(merged.total, 100);
+});

@@ -1,7 +1,7 @@
 // Served at /extensions/<pack folder>/js/ by the host (WEB_DIRECTORY = "./web"), hence the three "../".
-// LoRA Loom in the ComfyUI editor: a live loss chart on TrainLoRA, a LoRA inspector on LoadLoRA (and an
-// info action on ApplyLoRA), run results on the nodes, and the pack's node colours. The logic lives in
-// loss_chart.js and inspector.js (plain modules, tested under node); this file only wires it to the editor.
+// LoRA Loom in the ComfyUI editor: a live loss chart on TrainLoRA, a LoRA inspector on LoadLoRA (and "LoRA
+// info" in ApplyLoRA's context menu), run results on the nodes, and the pack's node colours. The logic lives
+// in loss_chart.js and inspector.js (plain modules, tested under node); this file only wires it to the editor.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 import { LossHistory, drawChart } from "./loss_chart.js";
@@ -12,10 +12,11 @@ const COLOUR = { color: "#2a4a6a", bgcolor: "#1d3347" };
 const CURVE_PROPERTY = "lora_loom_curve"; // saved with the workflow: the last curve survives a reopen
 const CHART_HEIGHT = 160;
 
-const charts = new Map(); // node id (string) → { node, history, canvas }
-
-function chartFor(nodeId) {
-  return charts.get(String(nodeId));
+// A node's chart lives on the node (node.loraLoomChart): ids change when a saved graph is configured onto
+// freshly created nodes, so a message's node id is looked up in the graph when it arrives.
+function nodeById(id) {
+  const graph = app.graph;
+  return graph?.getNodeById(Number(id)) ?? graph?.getNodeById(id) ?? null;
 }
 
 function redraw(entry) {
@@ -25,6 +26,7 @@ function redraw(entry) {
   canvas.height = CHART_HEIGHT;
   const ctx = canvas.getContext("2d");
   if (ctx) drawChart(ctx, entry.history, canvas.width, canvas.height);
+  canvas.setAttribute("data-status", entry.history.status()); // the step counter, for tests and screen readers
 }
 
 function addChart(node) {
@@ -37,31 +39,43 @@ function addChart(node) {
     serialize: false,
     getMinHeight: () => CHART_HEIGHT,
   });
-  charts.set(String(node.id), entry);
-  const removed = node.onRemoved;
-  node.onRemoved = function () {
-    charts.delete(String(node.id));
-    return removed?.apply(this, arguments);
-  };
+  node.loraLoomChart = entry;
   requestAnimationFrame(() => redraw(entry));
   return entry;
 }
 
 function onTrainMessage(message) {
-  const entry = chartFor(message?.node);
+  const entry = nodeById(message?.node)?.loraLoomChart;
   if (!entry || !entry.history.add(message)) return;
   entry.node.properties = entry.node.properties || {};
   entry.node.properties[CURVE_PROPERTY] = entry.history.toJSON();
   redraw(entry);
 }
 
+let catchingUp = null;
+
+function catchUpSoon() {
+  // Graphs restored after a reload configure their nodes one by one: one request for all of them.
+  catchingUp ??= new Promise((resolve) => setTimeout(resolve, 50)).then(catchUp).finally(() => (catchingUp = null));
+}
+
 async function catchUp() {
-  // After a page reload mid-run: the server keeps the messages of the runs in progress.
+  // After a page reload mid-run: the server keeps each TrainLoRA node's latest messages. Only those of the
+  // prompt running now are replayed (node ids repeat across workflows; a finished run's curve is already
+  // saved in its workflow).
   try {
-    const response = await api.fetchApi("/lora_loom/train_history");
-    if (!response.ok) return;
-    const runs = await response.json();
-    for (const messages of Object.values(runs)) messages.forEach(onTrainMessage);
+    const [queue, history] = await Promise.all(
+      ["/queue", "/lora_loom/train_history"].map((route) => api.fetchApi(route).then((r) => (r.ok ? r.json() : {}))),
+    );
+    const running = new Set((queue.queue_running || []).map((item) => item[1]));
+    for (const [nodeId, messages] of Object.entries(history)) {
+      const entry = nodeById(nodeId)?.loraLoomChart;
+      const ours = messages.filter((message) => running.has(message.prompt_id));
+      if (!entry || !ours.length) continue;
+      entry.history = LossHistory.replay(ours, entry.history);
+      entry.node.properties[CURVE_PROPERTY] = entry.history.toJSON();
+      redraw(entry);
+    }
   } catch (error) {
     console.warn("LoRA Loom: no training history", error);
   }
@@ -71,7 +85,10 @@ function addInspector(node) {
   const box = document.createElement("div");
   box.className = "lora-loom-inspector";
   box.style.cssText = "font: 11px sans-serif; color: #ccc; overflow: auto; padding: 2px 4px;";
-  node.addDOMWidget("lora_info", "lora_loom_inspector", box, { serialize: false, getMinHeight: () => 150 });
+  node.addDOMWidget("lora_info", "lora_loom_inspector", box, {
+    serialize: false,
+    getMinHeight: () => Math.max(60, box.scrollHeight + 8),
+  });
   const widget = node.widgets?.find((w) => w.name === "lora_name");
   const show = async () => {
     const name = widget?.value;
@@ -86,6 +103,7 @@ function addInspector(node) {
     }
     node.loraLoomInfo = info;
     renderInspector(box, info);
+    fitNode(node);
   };
   if (widget) {
     const callback = widget.callback;
@@ -97,6 +115,15 @@ function addInspector(node) {
   }
   node.loraLoomShowInfo = show;
   return show;
+}
+
+function fitNode(node) {
+  // Grow the node to show the whole DOM widget (never shrink what the user made larger).
+  requestAnimationFrame(() => {
+    const [width, height] = node.computeSize();
+    node.setSize([Math.max(node.size[0], width, 340), Math.max(node.size[1], height)]);
+    app.graph?.setDirtyCanvas(true, true);
+  });
 }
 
 function renderInspector(box, info) {
@@ -126,6 +153,25 @@ function upstreamLoadLoRA(node) {
   return source?.comfyClass === "LoadLoRA" ? source : null;
 }
 
+function addInfoMenuItem(node) {
+  // On this node only (the legacy per-node hook every frontend version calls), chained to any other.
+  const previous = node.getExtraMenuOptions;
+  node.getExtraMenuOptions = function (canvas, options) {
+    const result = previous?.apply(this, arguments);
+    const source = upstreamLoadLoRA(node);
+    options.push({
+      content: "LoRA info",
+      disabled: !source,
+      callback: () => {
+        const rows = inspectorRows(source?.loraLoomInfo);
+        const text = rows.map(([label, value]) => `${label}: ${value}`).join("\n");
+        app.extensionManager?.toast?.add({ severity: "info", summary: "LoRA info", detail: text, life: 8000 });
+      },
+    });
+    return result;
+  };
+}
+
 function showResult(node, lines) {
   if (!lines?.length) return;
   let widget = node.widgets?.find((w) => w.name === "lora_loom_result");
@@ -135,6 +181,7 @@ function showResult(node, lines) {
     widget = node.addDOMWidget("lora_loom_result", "lora_loom_result", box, { serialize: false });
   }
   widget.element.textContent = lines.join("\n");
+  fitNode(node);
 }
 
 app.registerExtension({
@@ -144,8 +191,8 @@ app.registerExtension({
     api.addEventListener("lora_loom.train", (event) => onTrainMessage(event.detail));
     api.addEventListener("executed", (event) => {
       const { node: nodeId, output } = event.detail || {};
-      const node = app.graph?.getNodeById(Number(nodeId)) ?? app.graph?.getNodeById(nodeId);
-      if (node && Array.isArray(output?.text)) showResult(node, output.text); // the nodes' "ui" text
+      const node = nodeById(nodeId);
+      if (node && OUR_NODES.includes(node.comfyClass) && Array.isArray(output?.text)) showResult(node, output.text);
     });
     await catchUp();
   },
@@ -155,33 +202,17 @@ app.registerExtension({
     Object.assign(node, COLOUR);
     if (node.comfyClass === "TrainLoRA") addChart(node);
     if (node.comfyClass === "LoadLoRA") addInspector(node)();
+    if (node.comfyClass === "ApplyLoRA") addInfoMenuItem(node);
   },
 
   loadedGraphNode(node) {
     // A workflow opened from file or restored: the saved curve, and the inspector for the saved LoRA.
-    const entry = chartFor(node.id);
-    if (entry && entry.node !== node) charts.delete(String(node.id));
     if (node.comfyClass === "TrainLoRA") {
-      const chart = chartFor(node.id) ?? addChart(node);
+      const chart = node.loraLoomChart ?? addChart(node);
       chart.history = LossHistory.fromJSON(node.properties?.[CURVE_PROPERTY]);
       redraw(chart);
+      catchUpSoon(); // a run in progress (page reloaded mid-run) continues from the server's messages
     }
     if (node.comfyClass === "LoadLoRA") node.loraLoomShowInfo?.();
-  },
-
-  getNodeMenuItems(node) {
-    if (node.comfyClass !== "ApplyLoRA") return [];
-    const source = upstreamLoadLoRA(node);
-    return [
-      {
-        content: "LoRA info",
-        disabled: !source,
-        callback: () => {
-          const rows = inspectorRows(source?.loraLoomInfo);
-          const text = rows.map(([label, value]) => `${label}: ${value}`).join("\n");
-          app.extensionManager?.toast?.add({ severity: "info", summary: "LoRA info", detail: text, life: 8000 });
-        },
-      },
-    ];
   },
 });

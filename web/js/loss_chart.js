@@ -65,6 +65,18 @@ export class LossHistory {
     return { points: this.points, total: this.total, stride: this.stride };
   }
 
+  // The server's messages of a run (a page reloaded mid-run), then the points this history got live after the
+  // last of them: messages that arrived while the server's copy was on its way are kept, not lost.
+  static replay(messages, current, maxPoints = MAX_POINTS) {
+    const history = new LossHistory(maxPoints);
+    messages.forEach((message) => history.add(message));
+    const [total, etaS] = [current.total, current.etaS];
+    for (const [step, loss, lossEma, lr] of current.points) {
+      if (step > history.lastStep) history.add({ step, total, loss, loss_ema: lossEma, lr, eta_s: etaS });
+    }
+    return history;
+  }
+
   static fromJSON(saved, maxPoints = MAX_POINTS) {
     const history = new LossHistory(maxPoints);
     if (saved && Array.isArray(saved.points)) {
