@@ -170,7 +170,7 @@ try {
     after.first === 1 && after.last === longSteps && after.count === longSteps, { reloaded_after_step: before, ...after });
 } catch (error) {
   check("the run completed", false, String(error));
-  await page.screenshot({ path: `${shots}/editor-failure.png` }).catch(() => {});
+  await page.screenshot({ path: resultPath.replace(/\.json$/, "") + "-failure.png" }).catch(() => {}); // not docs/
 }
 check("no console errors from our files", result.our_console_errors.length === 0, result.our_console_errors);
 writeFileSync(resultPath, JSON.stringify(result, null, 2));
