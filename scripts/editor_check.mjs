@@ -95,18 +95,38 @@ try {
 
   // 2. The live chart: a short TrainLoRA workflow queued from the editor.
   const workflow = JSON.parse(readFileSync(workflowPath, "utf8"));
-  await page.evaluate(async (graph) => {
+  const total = Number(stepsText);
+  const secondSteps = 20; // a second TrainLoRA node in the same prompt: each chart gets its own node's steps
+  await page.evaluate(async ([graph, steps]) => {
     const app = window.comfyAPI?.app?.app ?? window.app;
     await app.loadGraphData(graph);
+    const first = app.graph.findNodesByType("TrainLoRA")[0];
+    const second = window.LiteGraph.createNode("TrainLoRA");
+    second.pos = [first.pos[0], first.pos[1] + first.size[1] + 80];
+    app.graph.add(second);
+    first.widgets.forEach((w, i) => { second.widgets[i].value = w.value; });
+    second.widgets.find((w) => w.name === "steps").value = steps;
+    second.widgets.find((w) => w.name === "output_name").value += "-second";
+    app.graph.findNodesByType("LoadBase")[0].connect(0, second, 0);
     await app.queuePrompt(0, 1);
-  }, workflow);
-  const total = Number(stepsText);
+  }, [workflow, secondSteps]);
   await page.waitForFunction((steps) => {
     const app = window.comfyAPI?.app?.app ?? window.app;
-    const node = app.graph.findNodesByType("TrainLoRA")[0];
-    const curve = node?.properties?.lora_loom_curve;
-    return curve && curve.points.length && curve.points.at(-1)[0] >= steps;
-  }, total, { timeout: 240000, polling: 500 });
+    const curves = app.graph.findNodesByType("TrainLoRA").map((n) => n.properties?.lora_loom_curve);
+    return curves.length === 2 && curves.every((c, i) => c && c.points.length && c.points.at(-1)[0] >= steps[i]);
+  }, [total, secondSteps], { timeout: 240000, polling: 500 });
+  const both = await page.evaluate(() => {
+    const app = window.comfyAPI?.app?.app ?? window.app;
+    return app.graph.findNodesByType("TrainLoRA").map((n) => {
+      const element = n.widgets.find((w) => w.name === "loss_chart").element;
+      return { points: n.properties.lora_loom_curve.points.length, status: element.getAttribute("data-status") };
+    });
+  });
+  check("two TrainLoRA nodes in one queue: each chart has its own run", both[0].points === total &&
+    both[1].points === secondSteps && both[1].status.startsWith(`step ${secondSteps} / ${secondSteps}`), both);
+  const result_text = await page.evaluate(() => [...document.querySelectorAll("div")].map((d) => d.textContent)
+    .find((t) => /saved loras\/|steps .* final loss|final loss/i.test(t || "")) || "");
+  check("TrainLoRA's result is shown on the node", /final loss|loras/.test(result_text), result_text.slice(0, 200));
   await page.waitForTimeout(1500);
   const chart = await page.evaluate(() => {
     const app = window.comfyAPI?.app?.app ?? window.app;
@@ -126,9 +146,15 @@ try {
   check("chart drew the smoothed loss (blue pixels on the canvas)", chart.blue > 50, chart);
   check("every step reached the chart", chart.points >= total && chart.status.startsWith(`step ${total} / ${total}`), chart);
   check("the curve is saved with the workflow", chart.saved, "");
-  const result_text = await page.evaluate(() => [...document.querySelectorAll("div")].map((d) => d.textContent)
-    .find((t) => /saved loras\/|steps .* final loss|final loss/i.test(t || "")) || "");
-  check("TrainLoRA's result is shown on the node", /final loss|loras/.test(result_text), result_text.slice(0, 200));
+  const reopened = await page.evaluate(async () => {
+    const app = window.comfyAPI?.app?.app ?? window.app;
+    const saved = JSON.parse(JSON.stringify(app.graph.serialize()));
+    app.graph.clear();
+    await app.loadGraphData(saved);
+    const node = app.graph.findNodesByType("TrainLoRA")[0];
+    return node.widgets.find((w) => w.name === "loss_chart").element.getAttribute("data-status");
+  });
+  check("a reopened workflow shows the last curve", reopened.startsWith(`step ${total} / ${total}`), reopened);
   await page.waitForTimeout(500);
   await page.screenshot({ path: `${shots}/editor-train-chart.png` });
 

@@ -101,6 +101,7 @@ function addInspector(node) {
     } catch (error) {
       info = { error: String(error) };
     }
+    if (widget.value !== name) return; // picked another LoRA meanwhile: its own answer will draw
     node.loraLoomInfo = info;
     renderInspector(box, info);
     fitNode(node);
