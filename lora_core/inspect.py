@@ -9,7 +9,6 @@ so a multi-gigabyte file answers as fast as a small one. The module and format r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -20,6 +19,7 @@ import numpy as np
 from .formats import _MetadataAlphas, _split_suffix, not_understood_group
 from .lora import COMPONENTS, component_of
 from .targets import alias_table
+from .writer import LEGACY_HASH_LENGTH, LEGACY_HASH_OFFSET, legacy_hash_of_span
 
 # safetensors refuses headers over 100 MB (its MAX_HEADER_SIZE); so do we, before allocating anything.
 MAX_HEADER_BYTES = 100_000_000
@@ -77,8 +77,8 @@ def _read_scalar(f, data_start: int, entry: dict) -> float | None:
 def file_legacy_hash(path: str | os.PathLike) -> str:
     """:func:`.writer.legacy_hash` of a file on disk, reading only the 64 KiB it hashes."""
     with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        f.seek(LEGACY_HASH_OFFSET)
+        return legacy_hash_of_span(f.read(LEGACY_HASH_LENGTH))
 
 
 def top_tags(metadata: dict[str, str], limit: int = TOP_TAGS) -> list[tuple[str, int]]:

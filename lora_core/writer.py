@@ -75,9 +75,17 @@ def tensor_data_hash(serialized: bytes) -> str:
     return hashlib.sha256(serialized[8 + header_length :]).hexdigest()
 
 
+LEGACY_HASH_OFFSET, LEGACY_HASH_LENGTH = 0x100000, 0x10000
+
+
+def legacy_hash_of_span(span: bytes) -> str:
+    """The legacy hash of the bytes it covers (``LEGACY_HASH_LENGTH`` at ``LEGACY_HASH_OFFSET``, or fewer)."""
+    return hashlib.sha256(span).hexdigest()[:8]
+
+
 def legacy_hash(serialized: bytes) -> str:
     """kohya's `sshs_legacy_hash`: the first 8 hex digits of sha256 of the 0x10000 bytes at 0x100000."""
-    return hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8]
+    return legacy_hash_of_span(serialized[LEGACY_HASH_OFFSET : LEGACY_HASH_OFFSET + LEGACY_HASH_LENGTH])
 
 
 def canonical_header(serialized: bytes) -> bytes:

@@ -10,6 +10,7 @@ from .schema import Input, NodeSchema, Output
 CATEGORY = "LoRA Loom"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 STRENGTH = {"type": "FLOAT", "default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01}
+SEED = {"type": "INT", "default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}
 
 LOAD_BASE = NodeSchema(
     node_id="LoadBase",
@@ -84,15 +85,7 @@ SAMPLER = NodeSchema(
         Input("base", "SD_BASE", tooltip="the base with its LoRAs applied"),
         Input("prompt", "STRING", default="", multiline=True, tooltip="what to draw (77 CLIP tokens are read)"),
         Input("negative_prompt", "STRING", default="", multiline=True, tooltip="what to steer away from"),
-        Input(
-            "seed",
-            "INT",
-            default=0,
-            min=0,
-            max=0xFFFFFFFFFFFFFFFF,
-            control_after_generate=True,
-            tooltip="starting noise; the same seed and settings give the same image",
-        ),
+        Input("seed", **SEED, tooltip="starting noise; the same seed and settings give the same image"),
         Input("steps", "INT", default=20, min=1, max=10000, tooltip="denoising steps"),
         Input("cfg", "FLOAT", default=7.0, min=0.0, max=100.0, step=0.1, tooltip="classifier-free guidance scale"),
         Input("sampler_name", "COMBO", default="euler", options=SAMPLERS, tooltip="ComfyUI's sampler names"),
@@ -129,15 +122,7 @@ TRAIN_LORA = NodeSchema(
         Input("text_encoder_lr", **RATE, default=5e-5, tooltip="text-encoder learning rate (if trained)"),
         Input("batch_size", "INT", default=1, min=1, max=64, tooltip="images per step"),
         Input("resolution", "INT", default=512, min=64, max=2048, step=64, tooltip="buckets around this size"),
-        Input(
-            "seed",
-            "INT",
-            default=0,
-            min=0,
-            max=0xFFFFFFFFFFFFFFFF,
-            control_after_generate=True,
-            tooltip="data order, noise and initial factors",
-        ),
+        Input("seed", **SEED, tooltip="data order, noise and initial factors"),
         Input("train_text_encoder", "BOOLEAN", default=False, tooltip="also train LoRA factors in the text encoder"),
         Input(
             "target",
