@@ -143,3 +143,26 @@ def test_a_fine_tune_starts_from_the_checkpoint_and_keeps_its_text_encoder(strai
     other = train.Recipe(**{**recipe.__dict__, "init_from": "0" * 64})
     with pytest.raises(SystemExit, match="another checkpoint"):
         train.run(other_folder, other, "vae")
+
+
+def test_init_parts_text_encoder_trains_a_new_vae_and_unet_around_the_checkpoints_encoder(straight, tmp_path):
+    new = tmp_path / "new"
+    digest = train.place_init_weights(new, straight / "base.safetensors")
+    recipe = train.Recipe(
+        **{**MICRO.__dict__, "init_from": digest, "init_parts": "text_encoder", "vae_steps": 1, "unet_steps": 1}
+    )
+    assert train.run(new, recipe, "all")
+    init = load_state(new / train.INIT_WEIGHTS)
+    seeded = train.build_models(MICRO.seed)
+    for trained, component in (
+        (load_state(new / "vae_state.safetensors")["model"], "vae"),
+        (load_state(new / "unet_state.safetensors")["unet"], "unet"),
+    ):
+        start, fresh = init[component], getattr(seeded, component).state_dict()
+        to_start = max((trained[k] - start[k]).abs().max().item() for k in start)
+        to_fresh = max((trained[k] - fresh[k]).abs().max().item() for k in start)
+        assert 0 < to_fresh < to_start / 5, (component, to_fresh, to_start)  # one step from the seeded weights
+    text_encoder = load_state(new / "unet_state.safetensors")["text_encoder"]
+    assert all(torch.equal(text_encoder[k], init["text_encoder"][k]) for k in init["text_encoder"])
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "bad"), "--init-parts", "vae text"])

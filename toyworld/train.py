@@ -21,6 +21,7 @@ base scenes only.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -50,6 +51,9 @@ class Recipe:
     # sha256 of a toy-world checkpoint the run fine-tunes instead of starting from seeded weights ("": from
     # scratch). Its VAE and U-Net are where those stages start; its text encoder replaces the CLIP stage.
     init_from: str = ""
+    # Which of that checkpoint's parts the run starts from (space-separated): "text_encoder" alone trains a new
+    # VAE and U-Net from scratch around the checkpoint's text encoder (the CLIP stage does not depend on the VAE).
+    init_parts: str = "vae unet text_encoder"
     image_size: int = 64
     n_images: int = 20000
     captions_per_image: int = 3
@@ -64,6 +68,10 @@ class Recipe:
     vae_edge_weight: float = 0.0
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6
+    # When the VAE starts from a checkpoint's: weight of an MSE between the encoder's latent means of the base
+    # scenes and the starting encoder's (in units of the latent std). It keeps the latent space the U-Net was
+    # trained on while the VAE learns general pictures, so the U-Net needs a short fine-tune, not a retrain. 0: off.
+    vae_anchor_weight: float = 0.0
     clip_steps: int = 1500  # contrastive pretraining of the text encoder; 0: train it jointly with the U-Net
     clip_batch: int = 256
     clip_lr: float = 5e-4
@@ -150,6 +158,10 @@ def place_init_weights(out: Path, checkpoint: Path) -> str:
     return digest
 
 
+def _starts_from(recipe: Recipe, part: str) -> bool:
+    return bool(recipe.init_from) and part in recipe.init_parts.split()
+
+
 def _init_weights(out: Path, recipe: Recipe) -> dict:
     path = out / INIT_WEIGHTS
     if not path.is_file():
@@ -229,8 +241,11 @@ def train_vae(
     """The autoencoder, on the scenes and (``general``, ``recipe.vae_general_share`` of each batch) pictures."""
     state_path = out / "vae_state.safetensors"
     vae = build_models(recipe.seed).vae
-    if recipe.init_from:
+    anchor = None
+    if _starts_from(recipe, "vae"):
         vae.load_state_dict(_init_weights(out, recipe)["vae"])
+        if recipe.vae_anchor_weight:
+            anchor = copy.deepcopy(vae).requires_grad_(False).eval().to(device)
     vae = vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(100, recipe.vae_steps))
@@ -260,6 +275,12 @@ def train_vae(
         loss = F.mse_loss(reconstruction, x) + F.l1_loss(reconstruction, x) + recipe.vae_kl_weight * kl
         if recipe.vae_edge_weight:
             loss = loss + recipe.vae_edge_weight * _edge_loss(reconstruction, x)
+        if anchor is not None:
+            scenes = slice(0, recipe.vae_batch - n_general)
+            with torch.no_grad():
+                target = anchor.encode(x[scenes]).latent_dist.mean
+            drift = (posterior.mean[scenes] - target) * anchor.config.scaling_factor
+            loss = loss + recipe.vae_anchor_weight * drift.pow(2).mean()
         optimizer_step(loss, optimizer, schedule, vae.parameters(), recipe.grad_clip)
         return loss.item()
 
@@ -404,7 +425,7 @@ def train_unet(
 
     state_path = out / "unet_state.safetensors"
     components = build_models(recipe.seed)
-    if recipe.init_from:
+    if _starts_from(recipe, "unet"):
         components.unet.load_state_dict(_init_weights(out, recipe)["unet"])
     unet, text_encoder = components.unet.to(device), components.text_encoder.to(device)
     joint = recipe.clip_steps == 0  # without a CLIP stage the text encoder trains here, from scratch
@@ -594,7 +615,7 @@ def run(
             return False
         timings["vae_seconds"] = round(load_state(out / "vae_state.safetensors")["elapsed"], 1)
         save_timings()
-    if stage in ("all", "clip") and recipe.init_from:  # a fine-tune keeps the checkpoint's text encoder
+    if stage in ("all", "clip") and _starts_from(recipe, "text_encoder"):  # keeps the checkpoint's text encoder
         save_state(out / "text_encoder_clip.safetensors", _init_weights(out, recipe)["text_encoder"])
     elif stage in ("all", "clip") and recipe.clip_steps:
         if not train_clip(out, recipe, data, stop_after, device):
@@ -643,17 +664,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--multires-noise-iterations", type=int, default=Recipe.multires_noise_iterations)
     parser.add_argument("--snr-floor", type=float, default=Recipe.snr_floor)
     parser.add_argument("--clip-steps", type=int, default=Recipe.clip_steps, help="0: no CLIP stage")
+    parser.add_argument("--vae-anchor-weight", type=float, default=Recipe.vae_anchor_weight)
     parser.add_argument("--vae-lr", type=float, default=Recipe.vae_lr)
     parser.add_argument("--unet-lr", type=float, default=Recipe.unet_lr)
     parser.add_argument("--caption-dropout", type=float, default=Recipe.caption_dropout)
     parser.add_argument(
         "--init-from", type=Path, help="fine-tune this toy-world checkpoint instead of training from scratch"
     )
+    parser.add_argument(
+        "--init-parts",
+        default=Recipe.init_parts,
+        help="which parts of --init-from to start from, space-separated (e.g. 'text_encoder': new VAE and U-Net)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default: cpu)")
     args = parser.parse_args(argv)
+    unknown = set(args.init_parts.split()) - {"vae", "unet", "text_encoder"}
+    if unknown:
+        parser.error(f"--init-parts: unknown part(s) {sorted(unknown)}; choose from vae, unet, text_encoder")
     init_from = place_init_weights(args.out, args.init_from) if args.init_from is not None else ""
     recipe = Recipe(
         init_from=init_from,
+        init_parts=args.init_parts,
         vae_lr=args.vae_lr,
         unet_lr=args.unet_lr,
         caption_dropout=args.caption_dropout,
@@ -664,6 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         vae_general_images=args.vae_general_images,
         vae_general_share=args.vae_general_share,
         vae_edge_weight=args.vae_edge_weight,
+        vae_anchor_weight=args.vae_anchor_weight,
         multires_noise_iterations=args.multires_noise_iterations,
         snr_floor=args.snr_floor,
         clip_steps=args.clip_steps,
