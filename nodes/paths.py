@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..sd15 import builtin
 from ..sd15.builtin import BUILT_IN_TINY, BUILT_IN_TOY
 
 # The first entry is the editor's default choice.
@@ -79,6 +80,8 @@ def list_models(kind: str) -> list[str]:
 
 def model_path(kind: str, name: str) -> Path | None:
     """Full path of a listed model, or None if it does not exist."""
+    if kind == "loras" and name in builtin.built_in_loras():
+        return builtin.built_in_loras()[name]
     host = _host_folder_paths()
     if host is not None:
         found = host.get_full_path(kind, name)
@@ -92,13 +95,15 @@ def checkpoint_choices() -> list[str]:
 
 
 def lora_choices() -> list[str]:
-    return list_models("loras")
+    return list(builtin.built_in_loras()) + list_models("loras")
 
 
 def model_roots(kind: str) -> list[Path]:
-    """The folders a model kind is listed from: the host's (all of them), else the models dir's."""
+    """The folders a model kind is listed from: the host's (all of them), else the models dir's; for LoRAs, the
+    built-ins' folder too."""
     host = _host_folder_paths()
-    return [Path(folder) for folder in host.get_folder_paths(kind)] if host is not None else [_models_dir / kind]
+    roots = [Path(folder) for folder in host.get_folder_paths(kind)] if host is not None else [_models_dir / kind]
+    return [builtin.BUILT_IN_LORA_DIR, *roots] if kind == "loras" else roots
 
 
 def dataset_folder(dataset_dir: str) -> Path:
