@@ -165,16 +165,33 @@ TRAIN_LORA = NodeSchema(
     hidden=(("unique_id", "UNIQUE_ID"),),
 )
 
+GRID_LAYOUTS = ("batch per row", "batch per column")
+
 IMAGE_GRID = NodeSchema(
     node_id="LoomImageGrid",
     display_name="Image Grid (LoRA Loom)",
     category=CATEGORY,
-    description="One picture from up to 6 IMAGE batches, a batch per row (e.g. a prompt per row, its images in order).",
+    description="One picture from up to 6 IMAGE batches, a batch per row (e.g. a prompt per row, its images in "
+    "order) or, with layout 'batch per column', a batch per column (e.g. a LoRA strength per column, seeds down).",
     inputs=(
-        Input("row_1", "IMAGE", tooltip="the first row's images"),
-        Input("row_labels", "STRING", default="", multiline=True, tooltip="one label per line, drawn left of its row"),
+        Input("row_1", "IMAGE", tooltip="the first row's (or column's) images"),
+        Input(
+            "row_labels",
+            "STRING",
+            default="",
+            multiline=True,
+            tooltip="one label per line, drawn left of its row (above its column)",
+        ),
         Input("upscale", "INT", default=2, min=1, max=16, tooltip="nearest-neighbour enlargement"),
-        *(Input(f"row_{i}", "IMAGE", optional=True, tooltip=f"row {i}'s images") for i in range(2, 7)),
+        *(Input(f"row_{i}", "IMAGE", optional=True, tooltip=f"row (column) {i}'s images") for i in range(2, 7)),
+        Input(
+            "layout",
+            "COMBO",
+            default=GRID_LAYOUTS[0],
+            options=GRID_LAYOUTS,
+            optional=True,
+            tooltip="a batch per row, its images left to right; or a batch per column, its images top to bottom",
+        ),
     ),
     outputs=(Output("IMAGE", "image"),),
 )

@@ -202,13 +202,16 @@ def sampler(base, prompt, negative_prompt, seed, steps, cfg, sampler_name, sched
     return (result.images, {"samples": result.latents})
 
 
-def image_grid(row_1, row_labels: str = "", upscale: int = 2, **more_rows):
+def image_grid(row_1, row_labels: str = "", upscale: int = 2, layout: str = "batch per row", **more_rows):
     from ..sd15.grid import image_grid as core_image_grid
     from ..sd15.images import to_image_batch
 
-    rows = [row_1] + [more_rows[name] for name in sorted(more_rows) if more_rows[name] is not None]
+    batches = [row_1] + [more_rows[name] for name in sorted(more_rows) if more_rows[name] is not None]
     labels = [line.strip() for line in row_labels.splitlines()]
-    return (to_image_batch(core_image_grid(rows, row_labels=labels, upscale=upscale)),)
+    if layout == "batch per column":
+        rows = [[batch[k] if k < len(batch) else None for batch in batches] for k in range(max(map(len, batches)))]
+        return (to_image_batch(core_image_grid(rows, column_labels=labels, upscale=upscale)),)
+    return (to_image_batch(core_image_grid(batches, row_labels=labels, upscale=upscale)),)
 
 
 def file_fingerprint(kind: str, name: str) -> str:

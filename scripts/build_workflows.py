@@ -221,8 +221,8 @@ WORKFLOWS_BY_NAME: dict[str, list[Node]] = {
     ],
 }
 
-# TrainLoRA on a built-in toy-world set (the shape `star`, which the base never saw), then the same prompt
-# without and with the new LoRA, one row each.
+# TrainLoRA on a built-in toy-world set (the shape `star`, which the base never saw), then the LoRA at five
+# strengths, one column each, with the same seed: the grid shows what strength does (column 0 is the base).
 STAR_PROMPT = "a large red star in the centre, blue background"
 TRAIN = dict(
     dataset_dir="toy-star (built-in)",
@@ -234,27 +234,44 @@ TRAIN = dict(
     seed=0,
     output_name="toy-star-trained",
 )
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+_APPLY, _SAMPLE, _GRID = 4, 4 + len(STRENGTHS), 4 + 2 * len(STRENGTHS)
 WORKFLOWS_BY_NAME["train_then_apply"] = [
     BASE,
     (2, "TrainLoRA", (400, 40), TRAIN, {"base": (1, 0)}),
-    (3, "SaveImage", (800, 700), {"filename_prefix": "train_then_apply/loss_curve"}, {"images": (2, 2)}),
-    (
-        4,
-        "ApplyLoRA",
-        (800, 40),
-        {"strength_unet": 1.0, "strength_text_encoder": 1.0},
-        {"base": (1, 0), "lora": (2, 0)},
+    (3, "SaveImage", (400, 900), {"filename_prefix": "train_then_apply/loss_curve"}, {"images": (2, 2)}),
+    *(
+        (
+            _APPLY + k,
+            "ApplyLoRA",
+            (800, 40 + 160 * k),
+            {"strength_unet": strength, "strength_text_encoder": strength},
+            {"base": (1, 0), "lora": (2, 0)},
+        )
+        for k, strength in enumerate(STRENGTHS)
     ),
-    (5, "Sampler", (1160, 40), {"prompt": STAR_PROMPT, **SAMPLE}, {"base": (1, 0)}),
-    (6, "Sampler", (1160, 520), {"prompt": STAR_PROMPT, **SAMPLE}, {"base": (4, 0)}),
+    *(
+        (
+            _SAMPLE + k,
+            "Sampler",
+            (1160 + 40 * k, 40 + 160 * k),
+            {"prompt": STAR_PROMPT, **SAMPLE},
+            {"base": (_APPLY + k, 0)},
+        )
+        for k in range(len(STRENGTHS))
+    ),
     (
-        7,
+        _GRID,
         "LoomImageGrid",
-        (1520, 40),
-        {"row_labels": "toy-world base\nwith the trained LoRA", "upscale": 3},
-        {"row_1": (5, 0), "row_2": (6, 0)},
+        (1760, 40),
+        {
+            "row_labels": "\n".join(f"strength {strength:g}" for strength in STRENGTHS),
+            "upscale": 3,
+            "layout": "batch per column",
+        },
+        {f"row_{k + 1}": (_SAMPLE + k, 0) for k in range(len(STRENGTHS))},
     ),
-    (8, "SaveImage", (1880, 40), {"filename_prefix": "train_then_apply/before_after"}, {"images": (7, 0)}),
+    (_GRID + 1, "SaveImage", (2120, 40), {"filename_prefix": "train_then_apply/strength_grid"}, {"images": (_GRID, 0)}),
 ]
 
 

@@ -16,7 +16,7 @@ _TEXT = (230, 230, 230)
 
 
 def image_grid(
-    rows: Sequence[torch.Tensor | Sequence[np.ndarray]],
+    rows: Sequence[torch.Tensor | Sequence[np.ndarray | torch.Tensor | None]],
     *,
     row_labels: Sequence[str] = (),
     column_labels: Sequence[str] = (),
@@ -26,12 +26,14 @@ def image_grid(
 ) -> Image.Image:
     """One image: row i holds the images of ``rows[i]`` (an IMAGE batch ``[B, H, W, 3]`` in 0..1, or uint8
     arrays) left to right. Images are enlarged ``upscale`` times with nearest neighbour (small toy-world
-    pictures stay crisp). Rows may have different lengths; all images must share one size."""
-    if not rows or not any(len(row) for row in rows):
+    pictures stay crisp). Rows may have different lengths, and a None leaves its cell empty; all images must
+    share one size."""
+    tiles = [[None if image is None else to_pil(image) for image in row] for row in rows]
+    placed = [tile for row in tiles for tile in row if tile is not None]
+    if not placed:
         raise ValueError("image_grid needs at least one image")
-    tiles = [[to_pil(image) for image in row] for row in rows]
-    width, height = tiles[0][0].size
-    if any(tile.size != (width, height) for row in tiles for tile in row):
+    width, height = placed[0].size
+    if any(tile.size != (width, height) for tile in placed):
         raise ValueError("image_grid: all images must have the same size")
     width, height = width * upscale, height * upscale
     columns = max(len(row) for row in tiles)
@@ -50,5 +52,7 @@ def image_grid(
             lines = textwrap.wrap(row_labels[i], width=max(8, label_width // 7))
             draw.multiline_text((gap, y + 2), "\n".join(lines), fill=_TEXT, font=font, spacing=2)
         for j, tile in enumerate(row):
+            if tile is None:
+                continue
             sheet.paste(tile.resize((width, height), Image.Resampling.NEAREST), (left + gap + j * (width + gap), y))
     return sheet

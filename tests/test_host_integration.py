@@ -74,5 +74,5 @@ def test_v1_contract_matches_the_issue():
     ]
     grid = NODE_CLASS_MAPPINGS["LoomImageGrid"].INPUT_TYPES()
     assert list(grid["required"]) == ["row_1", "row_labels", "upscale"]
-    assert list(grid["optional"]) == [f"row_{i}" for i in range(2, 7)]
+    assert list(grid["optional"]) == [*(f"row_{i}" for i in range(2, 7)), "layout"]
     assert importlib.util.find_spec("lora_loom.lora_core") is not None

@@ -250,3 +250,29 @@ def test_every_input_has_a_tooltip_in_both_apis():
         for section in ("required", "optional"):
             for name, spec in v1.get(section, {}).items():
                 assert spec[1].get("tooltip"), (schema.node_id, name)
+
+
+def test_image_grid_puts_a_batch_per_row_or_per_column():
+    """Row layout: batch k is row k. Column layout: batch k is column k (a strength per column, seeds down);
+    a shorter batch leaves its cells empty. Labels go left of rows, above columns."""
+    import numpy as np
+
+    def batch(value, count):
+        return torch.full((count, 8, 8, 3), value)
+
+    a, b = batch(0.2, 3), batch(0.8, 2)
+    rows = impl.image_grid(a, "", 1, "batch per row", row_2=b)[0][0].numpy()
+    columns = impl.image_grid(a, "", 1, "batch per column", row_2=b)[0][0].numpy()
+    gap, tile = 4, 8
+    assert rows.shape[:2] == (gap + 2 * (tile + gap), gap + 3 * (tile + gap))
+    assert columns.shape[:2] == (gap + 3 * (tile + gap), gap + 2 * (tile + gap))
+
+    def cell(sheet, i, j, top=0):
+        y, x = top + gap + i * (tile + gap), gap + j * (tile + gap)
+        return sheet[y : y + tile, x : x + tile]
+
+    assert np.allclose(cell(rows, 0, 2), 0.2, atol=1 / 255) and np.allclose(cell(rows, 1, 1), 0.8, atol=1 / 255)
+    assert np.allclose(cell(columns, 2, 0), 0.2, atol=1 / 255) and np.allclose(cell(columns, 1, 1), 0.8, atol=1 / 255)
+    assert not np.allclose(cell(columns, 2, 1), 0.8, atol=1 / 255)  # column 2 has only two images
+    labelled = impl.image_grid(a, "first\nsecond", 1, "batch per column", row_2=b)[0][0].numpy()
+    assert labelled.shape[:2] == (16 + columns.shape[0], columns.shape[1])  # labels above, none to the left

@@ -100,13 +100,13 @@ def test_ctrl_c_saves_the_state_and_the_same_workflow_resumes_to_the_uninterrupt
     assert (loras / "toy-star-trained.train-state").is_file()
     assert not (loras / "toy-star-trained.safetensors").exists()
     paths.set_models_dir(models)
-    assert paths.lora_choices() == []  # the state file is not a LoRA to pick
+    assert paths.list_models("loras") == []  # the state file is not a LoRA to pick
 
     code, text = run_workflow(models, tmp_path / "out3", *steps)
     assert code == 0, text[-2000:]
     assert f"resumed from step {step}/60" in text
     assert (loras / "toy-star-trained.safetensors").read_bytes() == whole
-    assert paths.lora_choices() == ["toy-star-trained.safetensors"]  # LoadLoRA lists it at once
+    assert paths.list_models("loras") == ["toy-star-trained.safetensors"]  # LoadLoRA lists it at once
 
     code, text = run_workflow(models, tmp_path / "out4", *steps)
     assert code == 0 and "already finished: returned the file, nothing trained" in text, text[-2000:]
