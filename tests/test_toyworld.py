@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import defaultdict
 
@@ -139,3 +140,21 @@ def test_general_pictures_are_seeded_and_cover_colours_the_scenes_never_use():
     assert len(cells) > 400
     near_cyan = np.abs(pixels - np.array(COLOURS["cyan"])).max(axis=1) < 24
     assert near_cyan.mean() > 0.002
+
+
+def test_concept_prompts_hold_their_concept_and_the_concept_rate_reads_it():
+    from lora_loom.toyworld.evaluate import concept_prompt_set, concept_rate
+
+    stars = concept_prompt_set(24, ("star",), BASE_COLOURS)
+    assert len(stars) == 24 and all(scene.shape == "star" and not scene.has_second for scene in stars.truth)
+    assert all("star" in prompt for prompt in stars.prompts)
+    assert all(scene.background in BASE_COLOURS for scene in stars.truth)
+    assert concept_prompt_set(24, ("star",), BASE_COLOURS).prompts == stars.prompts  # seeded
+    assert concept_prompt_set(24, ("star",), BASE_COLOURS, seed=1).prompts != stars.prompts
+    truth = [np.asarray(render(scene)) for scene in stars.truth]
+    assert concept_rate(truth, stars.truth, ("shape",)) == 1.0
+    # The same scenes drawn as circles: no star is read, the colour still is.
+    circles = [np.asarray(render(dataclasses.replace(scene, shape="circle"))) for scene in stars.truth]
+    assert concept_rate(circles, stars.truth, ("shape",)) == 0.0
+    assert concept_rate(circles, stars.truth, ("colour",)) == 1.0
+    assert concept_rate(circles, stars.truth, ("shape", "colour")) == 0.0

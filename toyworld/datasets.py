@@ -2,7 +2,7 @@
 
 A built-in name in TrainLoRA's `dataset_dir` (e.g. "toy-star (built-in)") is written once into the cache as a
 plain dataset folder — PNGs with same-name `.txt` captions — and read like a user's folder. Each set teaches a
-concept the toy-world base never saw (the shape `star`, the colour `cyan`).
+concept the toy-world base never saw (the shape `star`, the colour `cyan`, or both).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .scenes import BASE_COLOURS, BASE_SHAPES, caption, render, sample_scene
 BUILT_IN_DATASETS = {
     "toy-star (built-in)": (("star",), BASE_COLOURS, 12, 0),
     "toy-cyan (built-in)": (BASE_SHAPES, ("cyan",), 12, 1),
+    "toy-cyan-star (built-in)": (("star",), ("cyan",), 12, 2),  # both at once: the combination
 }
 _VERSION = 1  # bump when the drawing or the captions change
 

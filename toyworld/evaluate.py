@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .scenes import HELD_OUT_COLOURS, HELD_OUT_SHAPES, Scene, caption, dataset, scenes
+from .scenes import BASE_COLOURS, HELD_OUT_COLOURS, HELD_OUT_SHAPES, Scene, caption, dataset, sample_scene, scenes
 from .scorer import analyse, score
 
 EVAL_SEED = 12345
@@ -39,6 +39,26 @@ def prompt_set(n: int, split: str = "base", seed: int = EVAL_SEED) -> PromptSet:
     truth = scenes(n, seed, split)
     rng = np.random.default_rng(seed)
     return PromptSet([caption(scene, rng) for scene in truth], truth, list(range(n)))
+
+
+def concept_prompt_set(n: int, shapes, colours, seed: int = EVAL_SEED) -> PromptSet:
+    """n prompts for a concept's LoRA: one main object drawn from (``shapes``, ``colours``) on a base colour, as
+    the concept's training set is drawn (:mod:`.datasets`), from a seed no training set uses."""
+    truth, prompts = [], []
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), 11, i])
+        scene = sample_scene(rng, tuple(shapes), tuple(colours), background_colours=BASE_COLOURS, second_prob=0.0)
+        truth.append(scene)
+        prompts.append(caption(scene, rng))
+    return PromptSet(prompts, truth, list(range(n)))
+
+
+def concept_rate(images, truth: list[Scene], attributes: tuple[str, ...]) -> float:
+    """The fraction of images whose main object has its scene's ``attributes`` (e.g. ("shape",) for a shape
+    concept, ("shape", "colour") for a combination), read by the scorer."""
+    predictions = [analyse(image) for image in images]
+    hits = [all(getattr(p, a) == getattr(s, a) for a in attributes) for p, s in zip(predictions, truth, strict=True)]
+    return float(np.mean(hits))
 
 
 def names_size(prompt: str, scene: Scene) -> bool:
