@@ -166,3 +166,25 @@ def test_init_parts_text_encoder_trains_a_new_vae_and_unet_around_the_checkpoint
     assert all(torch.equal(text_encoder[k], init["text_encoder"][k]) for k in init["text_encoder"])
     with pytest.raises(SystemExit):
         train.main(["--out", str(tmp_path / "bad"), "--init-parts", "vae text"])
+
+
+def test_vae_scenes_all_draws_the_held_out_concepts_for_the_vae_alone(tmp_path):
+    from lora_loom.toyworld.scorer import analyse
+
+    recipe = train.Recipe(**{**MICRO.__dict__, "n_images": 96, "vae_scenes": "all"})
+    data = train.make_data(tmp_path, recipe)
+    assert (
+        train.make_vae_scenes(tmp_path, train.Recipe(**{**recipe.__dict__, "vae_scenes": "base"}), data)
+        is (data["images"])
+    )
+    vae_scenes = train.make_vae_scenes(tmp_path, recipe, data)
+    assert vae_scenes.shape == data["images"].shape and torch.equal(
+        train.make_vae_scenes(tmp_path, recipe, data), vae_scenes
+    )
+
+    def read(images):
+        return [analyse(image.numpy()) for image in images]
+
+    vae_read, unet_read = read(vae_scenes), read(data["images"])
+    assert any(p.shape == "star" for p in vae_read) and any(p.colour == "cyan" for p in vae_read)
+    assert not any(p.shape == "star" or p.colour == "cyan" for p in unet_read)  # the U-Net's scenes: base only

@@ -12,16 +12,16 @@ schedule with the text encoder frozen, min-SNR weighting, 10 % caption dropout f
 and an EMA of the U-Net. ``export`` writes the weights as one single-file LDM checkpoint. ``--device cuda``
 trains on a GPU (all random draws still come from CPU generators).
 
-Only the "base" split of :mod:`.scenes` is used: the held-out concepts (star, cyan) are never shown. With
-``vae_general_images`` the VAE also trains on general pictures (:mod:`.pictures`: random colours, polygons,
-curves, textures) so that it can reconstruct what the scenes never show; the U-Net and the text encoder see
-base scenes only.
+The U-Net and the text encoder see only the "base" split of :mod:`.scenes`: the held-out concepts (star,
+cyan) are never shown to them. The VAE may see more, as SD1.5's VAE has seen every kind of picture: with
+``vae_scenes="all"`` its scenes use every shape and colour the generator draws, and with
+``vae_general_images`` it also trains on general pictures (:mod:`.pictures`: random colours, polygons, curves,
+textures), so that it can reconstruct what the U-Net never learned.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -40,7 +40,7 @@ from ..lora_core.state_files import load_state, save_state
 from ..lora_core.training_loop import optimizer_step, resume, run_steps, save_checkpoint
 from ..sd15.objective import DiffusionObjective
 from .pictures import general_picture
-from .scenes import caption, render, sample_scene
+from .scenes import COLOURS, SHAPES, caption, render, sample_scene
 
 CONFIG_NAME = "toy-world-sd15"
 
@@ -68,10 +68,11 @@ class Recipe:
     vae_edge_weight: float = 0.0
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6
-    # When the VAE starts from a checkpoint's: weight of an MSE between the encoder's latent means of the base
-    # scenes and the starting encoder's (in units of the latent std). It keeps the latent space the U-Net was
-    # trained on while the VAE learns general pictures, so the U-Net needs a short fine-tune, not a retrain. 0: off.
-    vae_anchor_weight: float = 0.0
+    # The VAE's scenes: "base" (the U-Net's training scenes) or "all" (every shape and colour the generator
+    # draws, the held-out ones too, as SD1.5's VAE has seen every kind of picture; the U-Net and text encoder
+    # still see base scenes only). A small VAE learns star and cyan far faster from scenes than from the
+    # general pictures' continuous colours and polygons alone.
+    vae_scenes: str = "base"
     clip_steps: int = 1500  # contrastive pretraining of the text encoder; 0: train it jointly with the U-Net
     clip_batch: int = 256
     clip_lr: float = 5e-4
@@ -216,6 +217,22 @@ def make_general_pictures(out: Path, recipe: Recipe) -> torch.Tensor:
     return pictures
 
 
+def make_vae_scenes(out: Path, recipe: Recipe, data: dict) -> torch.Tensor:
+    """The VAE's scenes: the base training scenes, or (``vae_scenes="all"``) as many scenes of the whole
+    vocabulary, rendered once (cached in ``out/vae_scenes.safetensors``)."""
+    if recipe.vae_scenes == "base":
+        return data["images"]
+    path = out / "vae_scenes.safetensors"
+    if path.is_file():
+        return load_state(path)["images"]
+    images = np.empty((recipe.n_images, recipe.image_size, recipe.image_size, 3), np.uint8)
+    for i in tqdm(range(recipe.n_images), desc="render VAE scenes", mininterval=2):
+        rng = np.random.default_rng([recipe.seed, 3, i])  # a stream of its own (0: base scenes, 7: pictures)
+        images[i] = np.asarray(render(sample_scene(rng, SHAPES, COLOURS), recipe.image_size))
+    save_state(path, {"images": torch.from_numpy(images)})
+    return torch.from_numpy(images)
+
+
 def _to_pixels(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -233,7 +250,7 @@ def _edge_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def train_vae(
     out: Path,
     recipe: Recipe,
-    data: dict,
+    scenes: torch.Tensor,
     stop_after: int | None = None,
     device: str = "cpu",
     general: torch.Tensor | None = None,
@@ -241,11 +258,8 @@ def train_vae(
     """The autoencoder, on the scenes and (``general``, ``recipe.vae_general_share`` of each batch) pictures."""
     state_path = out / "vae_state.safetensors"
     vae = build_models(recipe.seed).vae
-    anchor = None
     if _starts_from(recipe, "vae"):
         vae.load_state_dict(_init_weights(out, recipe)["vae"])
-        if recipe.vae_anchor_weight:
-            anchor = copy.deepcopy(vae).requires_grad_(False).eval().to(device)
     vae = vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(100, recipe.vae_steps))
@@ -255,7 +269,7 @@ def train_vae(
     resume(state_path, parts, generator, state)
     if state["step"] >= recipe.vae_steps:
         return True
-    images = data["images"].to(device)
+    images = scenes.to(device)
     general = general.to(device) if general is not None and len(general) else None
     n_general = round(recipe.vae_batch * recipe.vae_general_share) if general is not None else 0
     vae.train()
@@ -275,12 +289,6 @@ def train_vae(
         loss = F.mse_loss(reconstruction, x) + F.l1_loss(reconstruction, x) + recipe.vae_kl_weight * kl
         if recipe.vae_edge_weight:
             loss = loss + recipe.vae_edge_weight * _edge_loss(reconstruction, x)
-        if anchor is not None:
-            scenes = slice(0, recipe.vae_batch - n_general)
-            with torch.no_grad():
-                target = anchor.encode(x[scenes]).latent_dist.mean
-            drift = (posterior.mean[scenes] - target) * anchor.config.scaling_factor
-            loss = loss + recipe.vae_anchor_weight * drift.pow(2).mean()
         optimizer_step(loss, optimizer, schedule, vae.parameters(), recipe.grad_clip)
         return loss.item()
 
@@ -611,7 +619,7 @@ def run(
         return True
     if stage in ("all", "vae"):
         general = make_general_pictures(out, recipe)
-        if not train_vae(out, recipe, data, stop_after, device, general):
+        if not train_vae(out, recipe, make_vae_scenes(out, recipe, data), stop_after, device, general):
             return False
         timings["vae_seconds"] = round(load_state(out / "vae_state.safetensors")["elapsed"], 1)
         save_timings()
@@ -664,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--multires-noise-iterations", type=int, default=Recipe.multires_noise_iterations)
     parser.add_argument("--snr-floor", type=float, default=Recipe.snr_floor)
     parser.add_argument("--clip-steps", type=int, default=Recipe.clip_steps, help="0: no CLIP stage")
-    parser.add_argument("--vae-anchor-weight", type=float, default=Recipe.vae_anchor_weight)
+    parser.add_argument("--vae-scenes", choices=("base", "all"), default=Recipe.vae_scenes)
     parser.add_argument("--vae-lr", type=float, default=Recipe.vae_lr)
     parser.add_argument("--unet-lr", type=float, default=Recipe.unet_lr)
     parser.add_argument("--caption-dropout", type=float, default=Recipe.caption_dropout)
@@ -695,7 +703,7 @@ def main(argv: list[str] | None = None) -> None:
         vae_general_images=args.vae_general_images,
         vae_general_share=args.vae_general_share,
         vae_edge_weight=args.vae_edge_weight,
-        vae_anchor_weight=args.vae_anchor_weight,
+        vae_scenes=args.vae_scenes,
         multires_noise_iterations=args.multires_noise_iterations,
         snr_floor=args.snr_floor,
         clip_steps=args.clip_steps,
