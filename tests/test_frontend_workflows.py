@@ -22,11 +22,22 @@ from lora_loom.runner.workflow import load_workflow, parse_workflow
 FIXTURES = Path(__file__).parent / "data" / "comfyui"
 VARIANTS = ["json", "userdata.json", "schema1.json"]  # Export, Save, schema 1
 
+# Widgets our nodes gained after the fixtures were recorded (LoRA Loom e3cac96). Loading a saved workflow, the
+# frontend gives a widget its file has no value for the widget's default and sends it, so today's editor adds
+# these to the recorded prompt; the default is what keeps old workflows drawing what they drew.
+ADDED_SINCE_RECORDING = {"LoomImageGrid": {"layout": "batch per row"}}
+
 
 def frontend_prompt(graph: str) -> dict:
     """The frontend's API prompt, without its `_meta` titles (the backend ignores them)."""
     api = json.loads((FIXTURES / f"{graph}.api.json").read_text())
-    return {node_id: {"class_type": n["class_type"], "inputs": n["inputs"]} for node_id, n in api.items()}
+    return {
+        node_id: {
+            "class_type": n["class_type"],
+            "inputs": {**n["inputs"], **ADDED_SINCE_RECORDING.get(n["class_type"], {})},
+        }
+        for node_id, n in api.items()
+    }
 
 
 def our_prompt(workflow) -> dict:
