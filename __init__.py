@@ -13,9 +13,14 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 from .nodes.registry import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes.v3 import comfy_entrypoint, serve_v3  # noqa: E402
 from .nodes.web_routes import register_host_routes  # noqa: E402
 
 WEB_DIRECTORY = "./web"
 register_host_routes()  # only inside ComfyUI: its PromptServer serves the editor extensions' routes
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
+if serve_v3():
+    # The host reads `comfy_entrypoint` only from a pack without NODE_CLASS_MAPPINGS: same nodes, V3 classes.
+    NODE_CLASS_MAPPINGS = NODE_DISPLAY_NAME_MAPPINGS = None
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "comfy_entrypoint"]

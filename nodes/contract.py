@@ -57,6 +57,48 @@ APPLY_LORA = NodeSchema(
     outputs=(Output("SD_BASE", "base"),),
 )
 
+APPLY_LORA_TO_MODEL = NodeSchema(
+    node_id="ApplyLoRAToModel",
+    display_name="Apply LoRA to MODEL/CLIP",
+    category=CATEGORY,
+    description="Adds a LoRA (any file Load LoRA reads, or Train LoRA's) to ComfyUI's own MODEL and CLIP, for "
+    "KSampler and every other node that takes them. The patched weights are LoRA Loom's, bit for bit.",
+    inputs=(
+        Input("model", "MODEL", tooltip="ComfyUI's SD1.5 diffusion model (e.g. from Load Checkpoint)"),
+        Input("clip", "CLIP", tooltip="ComfyUI's SD1.5 text encoder"),
+        Input("lora", "LORA", tooltip="from Load LoRA or Train LoRA"),
+        Input("strength_model", **STRENGTH, tooltip="multiplier of the LoRA's U-Net change (0: off, 1: as trained)"),
+        Input(
+            "strength_clip", **STRENGTH, tooltip="multiplier of the LoRA's text-encoder change (0: off, 1: as trained)"
+        ),
+    ),
+    outputs=(Output("MODEL", "model"), Output("CLIP", "clip")),
+)
+
+LOOM_TO_COMFY = NodeSchema(
+    node_id="LoomToComfy",
+    display_name="LoRA Loom base to MODEL/CLIP/VAE",
+    category=CATEGORY,
+    description="The base as it is here (fused and applied LoRAs in) as ComfyUI's own MODEL, CLIP and VAE, for "
+    "KSampler and every other node that takes them.",
+    inputs=(Input("base", "SD_BASE", tooltip="the base with its LoRAs applied"),),
+    outputs=(Output("MODEL", "model"), Output("CLIP", "clip"), Output("VAE", "vae")),
+)
+
+COMFY_TO_LOOM = NodeSchema(
+    node_id="ComfyToLoom",
+    display_name="MODEL/CLIP/VAE to LoRA Loom base",
+    category=CATEGORY,
+    description="ComfyUI's MODEL, CLIP and VAE of an SD1.5 checkpoint (with the LoRAs loaded onto them) as a LoRA "
+    "Loom base, for Train LoRA, Apply LoRA, Fuse LoRA and the Sampler. The base has its own copy of the weights.",
+    inputs=(
+        Input("model", "MODEL", tooltip="ComfyUI's SD1.5 diffusion model"),
+        Input("clip", "CLIP", tooltip="ComfyUI's SD1.5 text encoder"),
+        Input("vae", "VAE", tooltip="ComfyUI's SD1.5 VAE"),
+    ),
+    outputs=(Output("SD_BASE", "base"),),
+)
+
 FUSE_LORA = NodeSchema(
     node_id="FuseLoRA",
     display_name="Fuse LoRA",
@@ -196,7 +238,18 @@ IMAGE_GRID = NodeSchema(
     outputs=(Output("IMAGE", "image"),),
 )
 
-NODES: tuple[NodeSchema, ...] = (LOAD_BASE, LOAD_LORA, APPLY_LORA, FUSE_LORA, TRAIN_LORA, SAMPLER, IMAGE_GRID)
+NODES: tuple[NodeSchema, ...] = (
+    LOAD_BASE,
+    LOAD_LORA,
+    APPLY_LORA,
+    FUSE_LORA,
+    TRAIN_LORA,
+    SAMPLER,
+    IMAGE_GRID,
+    APPLY_LORA_TO_MODEL,
+    LOOM_TO_COMFY,
+    COMFY_TO_LOOM,
+)
 
 # ComfyUI core nodes the headless runner provides with the host's semantics (never registered in the host).
 SAVE_IMAGE = NodeSchema(

@@ -50,6 +50,24 @@ def apply_lora(base, lora, strength_unet: float = 1.0, strength_text_encoder: fl
     return (applied,)
 
 
+def apply_lora_to_model(model, clip, lora, strength_model: float = 1.0, strength_clip: float = 1.0):
+    from .comfy_bridge import apply_lora_to_model as bridge_apply
+
+    return bridge_apply(model, clip, lora, strength_model, strength_clip)
+
+
+def loom_to_comfy(base):
+    from .comfy_bridge import loom_to_comfy as bridge_loom_to_comfy
+
+    return bridge_loom_to_comfy(base)
+
+
+def comfy_to_loom(model, clip, vae):
+    from .comfy_bridge import comfy_to_loom as bridge_comfy_to_loom
+
+    return bridge_comfy_to_loom(model, clip, vae)
+
+
 def fuse_lora(base, save_name: str = "", save_fp16: bool = False):
     import torch
 
@@ -254,4 +272,7 @@ IMPLEMENTATIONS = {
     "TrainLoRA": train_lora,
     "Sampler": sampler,
     "LoomImageGrid": image_grid,
+    "ApplyLoRAToModel": apply_lora_to_model,
+    "LoomToComfy": loom_to_comfy,
+    "ComfyToLoom": comfy_to_loom,
 }

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from .contract import NODES
 from .impl import CHANGE_CHECKS, IMPLEMENTATIONS
-from .schema import NodeSchema, grad_mode, v1_input_types
+from .schema import NodeSchema, grad_mode, host_hidden, v1_input_types
 
 
 def v1_class(schema: NodeSchema, function: Callable, changed: Callable | None = None) -> type:
@@ -15,7 +15,11 @@ def v1_class(schema: NodeSchema, function: Callable, changed: Callable | None = 
     def input_types(cls) -> dict:
         return v1_input_types(schema)
 
+    unasked = [name for name in host_hidden(schema) if name not in dict(schema.hidden)]
+
     def execute(self, **inputs):
+        for name in unasked:  # the host passes every declared hidden input
+            inputs.pop(name, None)
         if schema.needs_grad:  # the host runs every node under inference mode; a training node steps out
             with grad_mode(schema):
                 return function(**inputs)

@@ -75,6 +75,20 @@ class NodeSchema:
         return [i for i in ordered if i.is_widget]
 
 
+# The host's V3 schema gives every output node these hidden inputs; the V1 classes declare them too, so both APIs
+# describe a node alike. A node that does not ask for them (`NodeSchema.hidden`) never sees them.
+OUTPUT_NODE_HIDDEN = (("prompt", "PROMPT"), ("extra_pnginfo", "EXTRA_PNGINFO"))
+
+
+def host_hidden(schema: NodeSchema) -> dict[str, str]:
+    """The hidden inputs the host describes for a node: its own, then (output nodes) the prompt and PNG info."""
+    hidden = dict(schema.hidden)
+    if schema.output_node:
+        for name, value in OUTPUT_NODE_HIDDEN:
+            hidden.setdefault(name, value)
+    return hidden
+
+
 def v1_input_types(schema: NodeSchema) -> dict[str, dict[str, tuple]]:
     """ComfyUI's classic `INPUT_TYPES()` dict for a schema."""
     result: dict[str, dict[str, tuple]] = {"required": {}}
@@ -97,9 +111,10 @@ def v1_input_types(schema: NodeSchema) -> dict[str, dict[str, tuple]]:
             options["control_after_generate"] = True
         if item.tooltip:
             options["tooltip"] = item.tooltip
-        section[item.name] = (item.type, options) if options else (item.type,)
-    if schema.hidden:
-        result["hidden"] = dict(schema.hidden)
+        section[item.name] = (item.type, options)  # always a dict, as the host's V3 nodes describe it
+    hidden = host_hidden(schema)
+    if hidden:
+        result["hidden"] = hidden
     return result
 
 

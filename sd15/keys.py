@@ -502,3 +502,25 @@ def checkpoint_key(component: str, key: str) -> str:
     if component == "text_encoder":
         return TEXT_ENCODER_PREFIX + text_encoder_transformers_to_ldm(key)
     raise ValueError(f"unknown SD1.5 component {component!r}; expected one of {COMPONENT_NAMES}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ComfyUI's own names
+# ---------------------------------------------------------------------------------------------------------
+
+# ComfyUI keeps SD1.5's U-Net in `BaseModel` (state-dict names `diffusion_model.<LDM path>`) and its text
+# encoder in `SD1ClipModel` (`clip_l.transformer.text_model.…`): the checkpoint's names less `model.`, and
+# with `clip_l.` for `cond_stage_model.`. Its ModelPatcher patches are keyed by these names.
+HOST_UNET_PREFIX = "diffusion_model."
+HOST_TEXT_ENCODER_PREFIX = "clip_l.transformer."
+
+
+def host_weight_key(target: str) -> str:
+    """A canonical LoRA target (``unet.<diffusers module>``, ``text_encoder.text_model.<module>``) -> the name
+    of the weight it patches in ComfyUI's SD1.5 model objects."""
+    component, module = target.split(".", 1)
+    if component == "unet":
+        return HOST_UNET_PREFIX + unet_diffusers_to_ldm(module + ".weight")
+    if component == "text_encoder":
+        return HOST_TEXT_ENCODER_PREFIX + text_encoder_transformers_to_ldm(module + ".weight")
+    raise ValueError(f"{target!r} is not a U-Net or text-encoder LoRA target")

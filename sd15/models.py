@@ -13,6 +13,7 @@ The text encoder's parameter names depend on the transformers version (flat sinc
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -338,30 +339,45 @@ def load_single_file(
 
     with safe_open(str(path), framework="pt", device="cpu") as checkpoint:
         shapes = {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}
-        try:
-            configs = infer_configs(shapes)
-        except KeyError as error:
-            raise ValueError(f"{path}: not an SD1.5 checkpoint: {error.args[0]}") from None
-        components = build_empty_components(*configs)
+        return components_from_tensors(shapes, checkpoint.get_tensor, dtype=dtype, device=device, source=str(path))
 
-        sources, problems = _match_tensors(components, shapes)
-        if problems:
-            raise ValueError(f"{path}: does not match the SD1.5 layout:\n  " + "\n  ".join(problems))
 
-        for component, module in components.items():
-            state_dict = {}
-            for name, key in sources[component].items():
-                mapped = checkpoint.get_tensor(key)
-                tensor = mapped.to(dtype) if dtype is not None else mapped
-                if tensor is mapped and torch.device(device).type == "cpu":
-                    # Own the memory: a tensor still backed by the memory-mapped file is copied 4 KiB
-                    # page by page on its first in-place write (LoRA patching), and breaks if the file
-                    # is replaced on disk.
-                    tensor = tensor.clone()
-                if component == "vae" and vae_key_needs_reshape(name):
-                    tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # [C, C, 1, 1] conv -> Linear
-                state_dict[name] = tensor.to(device)
-            module.load_state_dict(state_dict, strict=True, assign=True)
+def components_from_tensors(
+    shapes: dict[str, tuple[int, ...]],
+    get_tensor: Callable[[str], torch.Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    source: str = "the checkpoint",
+    copy: bool = True,
+) -> tuple[SD15Components, dict[str, dict[str, str]]]:
+    """The components of single-file (LDM) tensors: `shapes` {key: shape} and `get_tensor(key)`; see
+    :func:`load_single_file`. The modules own their tensors: copies where a tensor would be shared, unless
+    `copy=False` (the caller gives its tensors away)."""
+    try:
+        configs = infer_configs(shapes)
+    except KeyError as error:
+        raise ValueError(f"{source}: not an SD1.5 checkpoint: {error.args[0]}") from None
+    components = build_empty_components(*configs)
+
+    sources, problems = _match_tensors(components, shapes)
+    if problems:
+        raise ValueError(f"{source}: does not match the SD1.5 layout:\n  " + "\n  ".join(problems))
+
+    for component, module in components.items():
+        state_dict = {}
+        for name, key in sources[component].items():
+            given = get_tensor(key)
+            tensor = given.to(dtype) if dtype is not None else given
+            if copy and tensor is given and given.device.type == torch.device(device).type:
+                # Own the memory: a tensor still backed by a memory-mapped file is copied 4 KiB page by page
+                # on its first in-place write (LoRA patching) and breaks if the file is replaced on disk; a
+                # tensor of another model (the host's) must not change under it.
+                tensor = tensor.clone()
+            if component == "vae" and vae_key_needs_reshape(name):
+                tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])  # [C, C, 1, 1] conv -> Linear
+            state_dict[name] = tensor.to(device)
+        module.load_state_dict(state_dict, strict=True, assign=True)
 
     _restore_text_encoder_buffers(components.text_encoder, device)
     for component, module in components.items():

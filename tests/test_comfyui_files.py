@@ -23,6 +23,7 @@ from lora_loom.lora_core.patcher import PatchEngine, PatchEntry
 from lora_loom.lora_core.targets import alias_table
 from lora_loom.sd15.base import built_in_tiny_checkpoint
 from lora_loom.sd15.config_files import config_dir
+from lora_loom.sd15.keys import host_weight_key
 from lora_loom.sd15.models import load_single_file
 
 FIXTURES = Path(__file__).parent / "data" / "comfyui"
@@ -145,3 +146,40 @@ def test_the_names_our_writer_uses_are_names_comfyui_reads_to_the_same_module(ta
         comfy_key = target_of.get(kohya_name(target))
         assert comfy_key is not None, kohya_name(target)
         assert target_of_checkpoint_key[checkpoint_key(comfy_key)] == target
+
+
+def test_host_weight_key_names_the_weight_comfyui_keeps_for_every_lora_target(target_of_checkpoint_key):
+    """ApplyLoRAToModel keys its ModelPatcher patches by `host_weight_key`: each must be the name ComfyUI's own
+    model objects give that module's weight (a value of its key map) and come from the checkpoint tensor that
+    diffusers' converter loads into the target."""
+    host_names = {*KEY_MAP["unet"].values(), *KEY_MAP["clip"].values()}
+    assert len(target_of_checkpoint_key) > 250
+    for key, target in target_of_checkpoint_key.items():
+        host_key = host_weight_key(target)
+        assert host_key in host_names, (target, host_key)
+        assert checkpoint_key(host_key) == key, target
+
+
+def test_apply_lora_to_model_refuses_a_lora_the_hosts_model_cannot_take(tiny_fp32):
+    """ApplyLoRAToModel checks every patch against the host model's weights before it patches (the host's
+    add_patches would drop a key it lacks without a word): missing modules and wrong shapes name the LoRA."""
+    from lora_loom.nodes.comfy_bridge import check_fits, host_patches
+
+    from util import make_lora
+
+    lora = make_lora(tiny_fp32, seed=2, name="tiny-lora")
+    patches = host_patches(lora, "unet")
+    assert len(patches) == lora.components()["unet"] and set(patches) <= set(KEY_MAP["unet"].values())
+    shapes = {}
+    for component, model in (("unet", tiny_fp32.unet), ("text_encoder", tiny_fp32.text_encoder)):
+        for target in lora.adapters:
+            if target.startswith(component + "."):
+                module = model.get_submodule(target.split(".", 1)[1].removeprefix("text_model."))
+                shapes[host_weight_key(target)] = module.weight
+    check_fits(patches, shapes, lora.name, "unet")  # the tiny model it was made for: fits
+    wider = {key: torch.empty(t.shape[0] * 2, *t.shape[1:]) for key, t in shapes.items()}
+    with pytest.raises(ValueError, match=r"LoRA 'tiny-lora' on the model input: diffusion_model\..*another arch"):
+        check_fits(patches, wider, lora.name, "unet")
+    without_one = dict(list(shapes.items())[1:])
+    with pytest.raises(ValueError, match=r"LoRA 'tiny-lora' on the (model|clip) input: 1 of its .* not in this model"):
+        check_fits(host_patches(lora, "unet") | host_patches(lora, "text_encoder"), without_one, lora.name, "unet")

@@ -26,7 +26,8 @@ module = importlib.util.module_from_spec(spec)
 sys.modules["LoRA-Loom"] = module
 spec.loader.exec_module(module)
 assert sorted(module.NODE_CLASS_MAPPINGS) == [
-    "ApplyLoRA", "FuseLoRA", "LoadBase", "LoadLoRA", "LoomImageGrid", "Sampler", "TrainLoRA"
+    "ApplyLoRA", "ApplyLoRAToModel", "ComfyToLoom", "FuseLoRA", "LoadBase", "LoadLoRA", "LoomImageGrid",
+    "LoomToComfy", "Sampler", "TrainLoRA"
 ]
 assert module.WEB_DIRECTORY == "./web"
 for cls in module.NODE_CLASS_MAPPINGS.values():

@@ -123,3 +123,15 @@ def test_ab_strength_zero_equals_the_plain_base_and_one_differs(shipped_runs):
         one = np.asarray(Image.open(out / f"loom_ab_strength1_{index + 1:05}_.png").convert("RGB"))
         assert np.array_equal(zero, rendered), index
         assert np.abs(one.astype(int) - rendered).max() > 8, index  # the LoRA visibly changes every image
+
+
+def test_every_shipped_workflow_has_its_template_thumbnail():
+    """ComfyUI's template browser shows `workflows/<name>.jpg` beside `<name>.json` (scripts/build_thumbnails.py)."""
+    from PIL import Image
+
+    folder = Path(__file__).resolve().parents[1] / "workflows"
+    names = sorted(p.stem for p in folder.glob("*.json"))
+    assert names and sorted(p.stem for p in folder.glob("*.jpg")) == names
+    for name in names:
+        with Image.open(folder / f"{name}.jpg") as picture:
+            assert picture.format == "JPEG" and min(picture.size) >= 256, name
