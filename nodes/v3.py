@@ -99,7 +99,8 @@ def v3_class(schema: NodeSchema, function: Callable, changed: Callable | None = 
             return io.NodeOutput(*result.get("result", ()), ui=result.get("ui"))
         return io.NodeOutput(*result)
 
-    attributes = {"define_schema": classmethod(define_schema), "execute": classmethod(execute), "SCHEMA": schema}
+    # (No `SCHEMA` attribute as on our V1 classes: in a V3 class the host keeps its own io.Schema under that name.)
+    attributes = {"define_schema": classmethod(define_schema), "execute": classmethod(execute)}
     if changed is not None:
         attributes["fingerprint_inputs"] = classmethod(lambda cls, **inputs: changed(**inputs))
     return type(schema.node_id, (io.ComfyNode,), attributes)

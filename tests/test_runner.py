@@ -89,7 +89,8 @@ class Show(_Fake):
     RETURN_TYPES = ()
     OUTPUT_NODE = True
 
-    def compute(self, n):
+    def compute(self, n, prompt=None, extra_pnginfo=None):  # an output node's hidden inputs, as the host's
+        assert prompt is not None  # the runner passes what INPUT_TYPES declares
         return {"ui": {"text": [str(n)]}, "result": ()}
 
 
