@@ -27,12 +27,13 @@ def host_image(model, clip, vae, prompt: str, seed: int, *, steps: int, cfg: flo
     def encode(text):
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
-    latent = torch.zeros(1, 4, size // 8, size // 8)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(
-        model, noise, steps, cfg, sampler, "normal", encode(prompt), encode(""), latent, denoise=1.0, seed=seed
-    )
-    return vae.decode(samples)[0].clamp(0, 1), encode(prompt)[0][0]
+    with torch.inference_mode():  # as the host's executor runs its nodes
+        latent = torch.zeros(1, 4, size // 8, size // 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        samples = comfy.sample.sample(
+            model, noise, steps, cfg, sampler, "normal", encode(prompt), encode(""), latent, denoise=1.0, seed=seed
+        )
+        return vae.decode(samples)[0].clamp(0, 1).cpu(), encode(prompt)[0][0].cpu()
 
 
 def rss_bytes() -> int:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         right = [all(v[a] for a in ("background", "colour", "shape", "position")) for v in verdicts]
         agree += verdicts[0] == verdicts[1]
         ours_right, theirs_right = ours_right + right[0], theirs_right + right[1]
-        print(f"pair {i}: text max |Δ| {text_gaps[-1]:.2e}, pixels mean |Δ| {pixel_gaps[-1]:.1f}/255", flush=True)
+        print(f"pair {i}: text max |Δ| {text_gaps[-1]:.2e}, pixels mean |Δ| {pixel_gaps[-1]:.3f}/255", flush=True)
     n = len(pixel_gaps)
     lines = [
         HEADING,
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "| | value |",
         "|---|---|",
         f"| text conditioning, largest |Δ| over all pairs (output scale ~1) | {max(text_gaps):.2e} |",
-        f"| pixels, mean |Δ| per image (0–255): median / max | {np.median(pixel_gaps):.1f} / {max(pixel_gaps):.1f} |",
+        f"| pixels, mean |Δ| per image (0–255): median / max | {np.median(pixel_gaps):.3f} / {max(pixel_gaps):.3f} |",
         f"| scorer verdicts identical (all five attributes) | {agree} of {n} |",
         f"| background, colour, shape, position all right: ours / KSampler | {ours_right} / {theirs_right} of {n} |",
     ]
