@@ -1,6 +1,6 @@
 """Our Sampler against the host's KSampler on the same weights (LoomToComfy), and what LoomToComfy costs in RAM.
 
-    python scripts/host_compare.py --comfyui /path/to/ComfyUI [--pairs 24] [--no-doc] [--skip-rss]
+    python scripts/host_compare.py --comfyui /path/to/ComfyUI [--pairs 24] [--no-doc] [--skip-rss | --rss-only]
 
 Run with the host's Python (the one scripts/host_tests.py uses). For (prompt, seed) pairs of the toy world it
 draws each image twice — our `Sampler` (diffusers' schedulers) and ComfyUI's KSampler on LoomToComfy's MODEL,
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--rss-only", action="store_true", help="only the RSS row (printed; the doc is left alone)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.comfyui.resolve()))
     import comfy.cli_args
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = load_base(BUILT_IN_TOY, dtype="fp32", device="cpu")
     model, clip, vae = loom_to_comfy(base)
-    pairs = prompt_set(args.pairs)
+    pairs = prompt_set(0 if args.rss_only else args.pairs)
     tokenizer = load_clip_tokenizer()
     text_gaps, pixel_gaps, agree, ours_right, theirs_right = [], [], 0, 0, 0
     for i, (prompt, scene) in enumerate(zip(pairs.prompts, pairs.truth, strict=True)):
@@ -89,23 +90,30 @@ def main(argv: list[str] | None = None) -> int:
         ours_right, theirs_right = ours_right + right[0], theirs_right + right[1]
         print(f"pair {i}: text max |Δ| {text_gaps[-1]:.2e}, pixels mean |Δ| {pixel_gaps[-1]:.3f}/255", flush=True)
     n = len(pixel_gaps)
-    lines = [
-        HEADING,
-        "",
-        f"Built-in toy-world base, fp32, CPU; {n} (prompt, seed) pairs of held-back scenes; `{args.sampler}`, "
-        f"scheduler `normal`, {args.steps} steps, CFG {args.cfg:g}, 64×64. Ours: the `Sampler` node (diffusers' "
-        "scheduler). Theirs: ComfyUI's own `CLIPTextEncode` / KSampler (`comfy.sample.sample`, noise from "
-        "`prepare_noise(seed)`) / `VAEDecode` on LoomToComfy's MODEL, CLIP and VAE. The weights are the same "
-        "tensors' values (tests/test_comfy_host.py); what differs is the samplers' arithmetic (ComfyUI's k-diffusion "
-        "sigmas and steps against diffusers' timesteps) and the text path's kernels.",
-        "",
-        "| | value |",
-        "|---|---|",
-        f"| text conditioning, largest |Δ| over all pairs (output scale ~1) | {max(text_gaps):.2e} |",
-        f"| pixels, mean |Δ| per image (0–255): median / max | {np.median(pixel_gaps):.3f} / {max(pixel_gaps):.3f} |",
-        f"| scorer verdicts identical (all five attributes) | {agree} of {n} |",
-        f"| background, colour, shape, position all right: ours / KSampler | {ours_right} / {theirs_right} of {n} |",
-    ]
+    lines = (
+        []
+        if args.rss_only
+        else [
+            HEADING,
+            "",
+            f"Built-in toy-world base, fp32, CPU; {n} (prompt, seed) pairs of held-back scenes; `{args.sampler}`, "
+            f"scheduler `normal`, {args.steps} steps, CFG {args.cfg:g}, 64×64. Ours: the `Sampler` node (diffusers' "
+            "scheduler). Theirs: ComfyUI's own `CLIPTextEncode` / KSampler (`comfy.sample.sample`, noise from "
+            "`prepare_noise(seed)`) / `VAEDecode` on LoomToComfy's MODEL, CLIP and VAE. The weights are the same "
+            "tensors' values (tests/test_comfy_host.py); what differs is the samplers' arithmetic "
+            "(ComfyUI's k-diffusion "
+            "sigmas and steps against diffusers' timesteps) and the text path's kernels.",
+            "",
+            "| | value |",
+            "|---|---|",
+            f"| text conditioning, largest |Δ| over all pairs (output scale ~1) | {max(text_gaps):.2e} |",
+            f"| pixels, mean |Δ| per image (0–255): median / max | "
+            f"{np.median(pixel_gaps):.3f} / {max(pixel_gaps):.3f} |",
+            f"| scorer verdicts identical (all five attributes) | {agree} of {n} |",
+            f"| background, colour, shape, position all right: ours / KSampler | "
+            f"{ours_right} / {theirs_right} of {n} |",
+        ]
+    )
     if not args.skip_rss:
         import gc
 
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         del handed
     section = "\n".join(lines) + "\n"
     print(section)
-    if not args.no_doc:
+    if not args.no_doc and not args.rss_only:
         text = DOC.read_text() if DOC.is_file() else "# LoRA Loom with ComfyUI's own nodes\n\n"
         start = text.find(HEADING)
         if start >= 0:
