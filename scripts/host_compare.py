@@ -42,6 +42,32 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def loom_to_comfy_rss_row() -> str:
+    """The table row: resident memory LoomToComfy adds for the full-size SD1.5 architecture (random fp32 weights)."""
+    import gc
+
+    import torch
+
+    from lora_loom.lora_core.patcher import PatchEngine
+    from lora_loom.nodes.comfy_bridge import loom_to_comfy
+    from lora_loom.sd15.base import LoadedModel, SDBase
+    from lora_loom.sd15.models import build_components
+
+    gc.collect()
+    components = build_components("sd15", seed=0)
+    engine = PatchEngine({"unet": components.unet, "text_encoder": components.text_encoder})
+    full = SDBase(LoadedModel("sd15-random", components, engine, torch.float32, torch.device("cpu")))
+    weights = sum(p.numel() * p.element_size() for _, m in components.items() for p in m.parameters())
+    before = rss_bytes()
+    handed = loom_to_comfy(full)
+    added = rss_bytes() - before
+    del handed
+    return (
+        f"| LoomToComfy on the full-size SD1.5 architecture (fp32): resident memory added / the weights' size | "
+        f"{added / 2**30:.2f} GiB / {weights / 2**30:.2f} GiB |"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--comfyui", type=Path, required=True)
@@ -51,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--skip-rss", action="store_true")
-    parser.add_argument("--rss-only", action="store_true", help="only the RSS row (printed; the doc is left alone)")
+    parser.add_argument("--rss-only", action="store_true", help="print only the RSS row; the doc is left alone")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.comfyui.resolve()))
     import comfy.cli_args
@@ -59,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
+    if args.rss_only:
+        print(loom_to_comfy_rss_row())
+        return 0
     from lora_loom.nodes.comfy_bridge import loom_to_comfy
     from lora_loom.sd15.base import load_base
     from lora_loom.sd15.builtin import BUILT_IN_TOY
@@ -69,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = load_base(BUILT_IN_TOY, dtype="fp32", device="cpu")
     model, clip, vae = loom_to_comfy(base)
-    pairs = prompt_set(0 if args.rss_only else args.pairs)
+    pairs = prompt_set(args.pairs)
     tokenizer = load_clip_tokenizer()
     text_gaps, pixel_gaps, agree, ours_right, theirs_right = [], [], 0, 0, 0
     for i, (prompt, scene) in enumerate(zip(pairs.prompts, pairs.truth, strict=True)):
@@ -90,55 +119,29 @@ def main(argv: list[str] | None = None) -> int:
         ours_right, theirs_right = ours_right + right[0], theirs_right + right[1]
         print(f"pair {i}: text max |Δ| {text_gaps[-1]:.2e}, pixels mean |Δ| {pixel_gaps[-1]:.3f}/255", flush=True)
     n = len(pixel_gaps)
-    lines = (
-        []
-        if args.rss_only
-        else [
-            HEADING,
-            "",
-            f"Built-in toy-world base, fp32, CPU; {n} (prompt, seed) pairs of held-back scenes; `{args.sampler}`, "
-            f"scheduler `normal`, {args.steps} steps, CFG {args.cfg:g}, 64×64. Ours: the `Sampler` node (diffusers' "
-            "scheduler). Theirs: ComfyUI's own `CLIPTextEncode` / KSampler (`comfy.sample.sample`, noise from "
-            "`prepare_noise(seed)`) / `VAEDecode` on LoomToComfy's MODEL, CLIP and VAE. The weights are the same "
-            "tensors' values (tests/test_comfy_host.py); what differs is the samplers' arithmetic "
-            "(ComfyUI's k-diffusion "
-            "sigmas and steps against diffusers' timesteps) and the text path's kernels.",
-            "",
-            "| | value |",
-            "|---|---|",
-            f"| text conditioning, largest |Δ| over all pairs (output scale ~1) | {max(text_gaps):.2e} |",
-            f"| pixels, mean |Δ| per image (0–255): median / max | "
-            f"{np.median(pixel_gaps):.3f} / {max(pixel_gaps):.3f} |",
-            f"| scorer verdicts identical (all five attributes) | {agree} of {n} |",
-            f"| background, colour, shape, position all right: ours / KSampler | "
-            f"{ours_right} / {theirs_right} of {n} |",
-        ]
-    )
+    lines = [
+        HEADING,
+        "",
+        f"Built-in toy-world base, fp32, CPU; {n} (prompt, seed) pairs of held-back scenes; `{args.sampler}`, "
+        f"scheduler `normal`, {args.steps} steps, CFG {args.cfg:g}, 64×64. Ours: the `Sampler` node (diffusers' "
+        "scheduler). Theirs: ComfyUI's own `CLIPTextEncode` / KSampler (`comfy.sample.sample`, noise from "
+        "`prepare_noise(seed)`) / `VAEDecode` on LoomToComfy's MODEL, CLIP and VAE. The weights are the same "
+        "tensors' values (tests/test_comfy_host.py); what differs is the samplers' arithmetic (ComfyUI's k-diffusion "
+        "sigmas and steps against diffusers' timesteps) and the text path's kernels.",
+        "",
+        "| | value |",
+        "|---|---|",
+        f"| text conditioning, largest |Δ| over all pairs (output scale ~1) | {max(text_gaps):.2e} |",
+        f"| pixels, mean |Δ| per image (0–255): median / max | {np.median(pixel_gaps):.3f} / {max(pixel_gaps):.3f} |",
+        f"| scorer verdicts identical (all five attributes) | {agree} of {n} |",
+        f"| background, colour, shape, position all right: ours / KSampler | {ours_right} / {theirs_right} of {n} |",
+    ]
     if not args.skip_rss:
-        import gc
-
-        from lora_loom.sd15.base import LoadedModel, SDBase
-        from lora_loom.sd15.models import build_components
-
         del base, model, clip, vae
-        gc.collect()
-        components = build_components("sd15", seed=0)
-        from lora_loom.lora_core.patcher import PatchEngine
-
-        engine = PatchEngine({"unet": components.unet, "text_encoder": components.text_encoder})
-        full = SDBase(LoadedModel("sd15-random", components, engine, torch.float32, torch.device("cpu")))
-        weights = sum(p.numel() * p.element_size() for _, m in components.items() for p in m.parameters())
-        before = rss_bytes()
-        handed = loom_to_comfy(full)
-        added = rss_bytes() - before
-        lines.append(
-            f"| LoomToComfy on the full-size SD1.5 architecture (fp32): resident memory added / the weights' size | "
-            f"{added / 2**30:.2f} GiB / {weights / 2**30:.2f} GiB |"
-        )
-        del handed
+        lines.append(loom_to_comfy_rss_row())
     section = "\n".join(lines) + "\n"
     print(section)
-    if not args.no_doc and not args.rss_only:
+    if not args.no_doc:
         text = DOC.read_text() if DOC.is_file() else "# LoRA Loom with ComfyUI's own nodes\n\n"
         start = text.find(HEADING)
         if start >= 0:
