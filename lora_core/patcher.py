@@ -6,6 +6,10 @@ unstack / restore lands on bitwise the same tensors as applying the final set fr
 
 W0 is re-read from the safetensors file the base was loaded from when there is one (no RAM cost);
 otherwise a copy of each weight is kept the first time it is patched.
+
+Weights handed to another owner without a copy (`share_weights`, e.g. to ComfyUI's own model objects) are
+copy-on-write: the engine's first write to such a weight puts a new tensor in the module, so the other owner
+keeps the values it was given.
 """
 
 from __future__ import annotations
@@ -146,6 +150,13 @@ class PatchEngine:
         """Put every patched weight back to its base value, bit for bit."""
         return self.apply(())
 
+    def share_weights(self) -> None:
+        """Mark every weight of the components as shared with another owner: from now on the engine's first write
+        to each one goes to a new tensor (copy-on-write) instead of into the shared one."""
+        for model in self.components.values():
+            for parameter in model.parameters():
+                parameter.lora_loom_shared = True
+
     @property
     def restore_overhead_bytes(self) -> int:
         """RAM held only to be able to restore: copies of weights no file backs."""
@@ -193,6 +204,8 @@ class PatchEngine:
     def _write(self, target: str, stages: Stages, stats: PatchStats) -> None:
         component, name, weight = self.parameter(target)
         base = self._base_weight(target, component, name, weight, stats)
+        if getattr(weight, "lora_loom_shared", False):
+            weight = self._unshare(target, weight)  # `base` may still be the shared tensor: only read from
         try:
             self._compute_into(weight, base, stages)
         except BaseException as error:
@@ -207,6 +220,14 @@ class PatchEngine:
             self._applied[target] = stages
         else:
             self._applied.pop(target, None)
+
+    def _unshare(self, target: str, weight: nn.Parameter) -> nn.Parameter:
+        """Give the target's module a new, not yet written tensor in place of a shared one (whose other owner
+        keeps it as it is); the caller fills it."""
+        _, _, module = self._modules[target]
+        own = nn.Parameter(torch.empty_like(weight), requires_grad=weight.requires_grad)
+        module.weight = own
+        return own
 
     @staticmethod
     def _compute_into(weight: torch.Tensor, base: torch.Tensor, stages: Stages) -> None:

@@ -164,8 +164,23 @@ def _vae_config(vae_config: Mapping) -> dict:
     return {"params": {"ddconfig": ddconfig, "embed_dim": vae_config["latent_channels"]}}
 
 
+def _share_into(module, state_dict: Mapping, what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Give a host module our tensors without a copy: each of its parameters becomes a new Parameter over our
+    storage (`assign=True`), so the host's `.to()` and patching never reach our modules' own Parameters."""
+    missing, _ = module.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [key for key in missing if not key.endswith(ignore)]
+    missing += [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+    if missing:
+        raise ValueError(f"LoomToComfy: the host's {what} lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+
 def loom_to_comfy(base):
-    """(MODEL, CLIP, VAE): the handle's weights now (its fused and applied LoRAs in) as the host's own objects."""
+    """(MODEL, CLIP, VAE): the handle's weights now (its fused and applied LoRAs in) as the host's own objects.
+
+    The host's objects hold the very tensors of our model, not copies (one set of weights in memory); our
+    engine's later writes to them are copy-on-write (`PatchEngine.share_weights`), so the MODEL and CLIP keep
+    this handle's state whatever other branches of the graph apply afterwards.
+    """
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
@@ -173,14 +188,17 @@ def loom_to_comfy(base):
 
     from ..sd15.models import components_state_dict_ldm
 
-    components = base.model.components
-    with base.model.lock:  # the shared weights hold this handle's state while the host copies them
+    components, device = base.model.components, base.model.device
+    with base.model.lock:  # the shared weights hold this handle's state while the host takes them
         base.activate()
         state_dict = components_state_dict_ldm(components)
         config = _host_model_config(state_dict, components.text_encoder.config.to_dict())
         config.set_inference_dtype(base.model.dtype, None)
-        model = config.get_model(state_dict, "model.diffusion_model.", device=torch.device("cpu"))
-        model.load_model_weights(state_dict, "model.diffusion_model.")
+        prefix = "model.diffusion_model."
+        # The host's own loader builds the model where its weights are, then loads them; we assign ours instead.
+        model = config.get_model(state_dict, prefix, device=device)
+        unet_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        _share_into(model.diffusion_model, config.process_unet_state_dict(unet_state), "U-Net")
         patcher = comfy.model_patcher.ModelPatcher(
             model,
             load_device=comfy.model_management.get_torch_device(),
@@ -192,14 +210,20 @@ def loom_to_comfy(base):
             tokenizer_data=clip_state,
             model_options={"dtype": base.model.dtype},  # the host's default would be fp16 on the CPU too
         )
-        missing, _ = clip.load_sd(clip_state, full_model=True)
-        missing = [k for k in missing if not k.endswith((".logit_scale", ".text_projection.weight"))]
-        if missing:
-            raise ValueError(f"LoomToComfy: the host's CLIP lacks {len(missing)} weights, e.g. {missing[:3]}")
+        _share_into(clip.cond_stage_model, clip_state, "CLIP", ignore=(".logit_scale", ".text_projection.weight"))
         vae_state = {
             k[len("first_stage_model.") :]: v for k, v in state_dict.items() if k.startswith("first_stage_model.")
         }
-        vae = comfy.sd.VAE(sd=vae_state, config=_vae_config(components.vae.config))
+        # The host's VAE copies the weights it is built with: built on the meta device from placeholders it
+        # allocates nothing, then takes ours (converted where its working dtype is not the base's).
+        with torch.device("meta"):
+            vae = comfy.sd.VAE(
+                sd={k: v.to("meta") for k, v in vae_state.items()}, config=_vae_config(components.vae.config)
+            )
+        _share_into(vae.first_stage_model, {k: v.to(vae.vae_dtype) for k, v in vae_state.items()}, "VAE")
+        base.model.engine.share_weights()
+    if device.type != "cpu":  # as the host's own loader does for a model it built on the GPU
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     return patcher, clip, vae
 
 

@@ -35,6 +35,13 @@ class Mutant:
 
 MUTANTS = (
     Mutant(
+        "the engine writes into weights it shares with a host model (no copy-on-write)",
+        "lora_core/patcher.py",
+        '        if getattr(weight, "lora_loom_shared", False):',
+        "        if False:",
+        ("tests/test_patcher.py",),
+    ),
+    Mutant(
         "the inspector route follows links out of the loras folders",
         "nodes/web_routes.py",
         "    if not any(real.is_relative_to(root) for root in roots):",

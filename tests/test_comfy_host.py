@@ -161,6 +161,25 @@ def test_apply_lora_to_model_patches_the_hosts_weights_to_ours(writer, dtype, tm
     assert [k for k in ours if not torch.equal(after[k], before[k])] == []
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_loom_to_comfy_shares_the_weights_and_keeps_its_state_when_the_base_moves_on(dtype, tmp_path):
+    """No second copy: the host's MODEL and CLIP hold our very tensors. Another branch of the same base applying a
+    LoRA afterwards (our engine writes in place) leaves them as they were handed over: copy-on-write."""
+    base = load_base(BUILT_IN_TINY, dtype=dtype, device="cpu")
+    lora = load_lora(kohya_file(base, tmp_path))
+    styled = base.with_lora(lora, 0.9, 0.5)
+    model, clip, _ = loom_to_comfy(styled)
+    handed = our_weights(styled)
+    ours = {host_name(k): v for k, v in components_state_dict_ldm(base.model.components).items() if host_name(k)}
+    theirs = {**model.model.state_dict(), **clip.patcher.model.state_dict()}
+    assert [k for k in ours if theirs[k].data_ptr() != ours[k].data_ptr()] == []  # the same memory
+
+    other = our_weights(base.with_lora(lora, -1.0, 2.0))  # the shared model moves to another handle's state
+    assert [k for k in handed if not torch.equal(other[k], handed[k])]  # it did change our weights
+    now = host_weights(model, clip)
+    assert [k for k in handed if not torch.equal(now[k], handed[k])] == []
+
+
 # ---- the real server: V1 and V3 serving, a graph through the host's KSampler -------------------------------
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

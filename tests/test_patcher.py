@@ -262,3 +262,37 @@ def test_cache_nbytes_counts_only_new_factor_memory():
     half = LoRAAdapter(up=torch.ones(8, 2, dtype=torch.float16), down=torch.ones(2, 5, dtype=torch.float16))
     half.low_rank_factors(torch.device("cpu"))
     assert half.cache_nbytes == (8 * 2 + 2 * 5) * 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shared_weights_are_copy_on_write(dtype):
+    """Weights handed to another owner without a copy (LoomToComfy) keep the values they were handed with,
+    whatever the engine applies later; the engine's own weights are what it would be without sharing."""
+    model, alone = fresh_tiny(dtype), fresh_tiny(dtype)
+    a, b = make_lora(model, seed=17), make_lora(model, seed=18, scope="attention")
+    engine = engine_for(model)
+    engine.apply([PatchEntry(a, 0.7, 0.4)])
+    handed_state = state_of(model)
+    handed = {
+        f"{name}.{key}": value
+        for name in ("unet", "text_encoder")
+        for key, value in getattr(model, name).state_dict().items()
+    }
+    engine.share_weights()
+
+    engine.apply([PatchEntry(a, 0.7, 0.4), PatchEntry(b, 1.5, 0.5)])
+    engine.apply([PatchEntry(b, -1.0, 2.0)])
+    for key, tensor in handed.items():
+        assert torch.equal(tensor, handed_state[key]), f"{key} changed under its other owner"
+    engine_for(alone).apply([PatchEntry(b, -1.0, 2.0)])
+    assert_bitwise_equal(model, state_of(alone))
+
+    # Only written weights got new tensors; a weight made our own is written in place from then on.
+    untouched = "unet.conv_in.weight"
+    assert model.unet.state_dict()["conv_in.weight"].data_ptr() == handed[untouched].data_ptr()
+    target = next(iter(b.adapters))
+    own = engine.parameter(target)[2]
+    assert own.data_ptr() != handed[f"{target.split('.', 1)[0]}.{engine.parameter(target)[1]}"].data_ptr()
+    engine.restore()
+    assert engine.parameter(target)[2] is own
+    assert_bitwise_equal(model, state_of(fresh_tiny(dtype)))
