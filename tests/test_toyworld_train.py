@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from lora_loom.lora_core.state_files import load_state
@@ -102,6 +103,53 @@ def test_the_vae_edge_loss_is_zero_only_for_equal_edges():
     assert train._edge_loss(image + 0.5, image) < 1e-6  # a constant shift leaves every edge as it was
     blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1)
     assert train._edge_loss(blurred, image) > 0.05
+
+
+def test_object_crops_hold_the_object_and_keep_the_pixels():
+    """Crops centred on the object (a pixel unlike the corner colour) contain it; every crop is a window of its
+    image, unchanged."""
+    images = torch.full((6, 64, 64, 3), 40, dtype=torch.uint8)
+    for i in range(6):  # a 6-px object somewhere in each image
+        images[i, 8 * i : 8 * i + 6, 50 - 7 * i : 56 - 7 * i] = torch.tensor([200, 10, 90], dtype=torch.uint8)
+    crops = train.object_crops(images, 32, torch.Generator().manual_seed(0), object_share=1.0)
+    assert crops.shape == (6, 32, 32, 3)
+    for i, crop in enumerate(crops):
+        assert (crop[..., 0] == 200).any(), f"crop {i} missed the object"
+        windows = images[i].unfold(0, 32, 1).unfold(1, 32, 1)  # (33, 33, 3, 32, 32): every 32-px window
+        assert (windows.permute(0, 1, 3, 4, 2) == crop).flatten(2).all(dim=2).any()
+
+
+def test_a_cropped_vae_run_trains_on_crops_then_on_whole_images(tmp_path, monkeypatch):
+    recipe = train.Recipe(
+        **{**MICRO.__dict__, "vae_steps": 5, "vae_crop": 32, "vae_crop_batch": 6, "vae_whole_image_steps": 2,
+           "vae_edge_focus": 3.0}
+    )  # fmt: skip
+    sizes = []
+    crop = train.object_crops
+    monkeypatch.setattr(
+        train, "object_crops", lambda images, *a, **k: sizes.append(len(images)) or crop(images, *a, **k)
+    )
+    shapes = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: shapes.append(x.shape) or encode(self, x))
+    assert train.run(tmp_path, recipe, "vae")
+    assert sizes == [6, 6, 6]  # 5 steps, the last 2 on whole images
+    assert [tuple(s) for s in shapes] == [(6, 3, 32, 32)] * 3 + [(4, 3, 64, 64)] * 2
+    trained = load_state(tmp_path / "vae_state.safetensors")["model"]
+    fresh = train.build_models(recipe.seed).vae.state_dict()
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    assert any(not torch.equal(trained[k], fresh[k]) for k in fresh)
+
+
+def test_edge_focus_weighs_only_pixels_near_an_edge():
+    image = torch.full((1, 3, 16, 16), -1.0)
+    image[..., 6:10, 6:10] = 1.0  # a square: its outline is the only edge
+    weight = train._edge_focus(image, 4.0)
+    assert weight.shape == (1, 1, 16, 16)
+    assert weight[0, 0, 0, 0] == 1 and weight[0, 0, 15, 15] == 1  # far from the square
+    assert weight[0, 0, 6, 6] == 5 and weight[0, 0, 5, 8] == 5  # on and beside its outline
+    assert set(weight.unique().tolist()) == {1.0, 5.0}
+    assert (train._edge_focus(torch.zeros(1, 3, 8, 8), 4.0) == 1).all()  # a flat image has no edges
 
 
 def test_a_fine_tune_starts_from_the_checkpoint_and_keeps_its_text_encoder(straight, tmp_path):
