@@ -126,6 +126,60 @@ def diffusers_peft_file(base, folder: Path) -> Path:
     return out / "pytorch_lora_weights.safetensors"
 
 
+def peft_save_pretrained_file(base, folder: Path) -> Path:
+    """PEFT's own `save_pretrained` of a PEFT U-Net: `base_model.model.…` names, alpha in adapter_config.json."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_loom.sd15.models import build_components
+
+    model = build_components("tiny-sd15", seed=0)
+    torch.manual_seed(7)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["to_k", "to_out.0", "conv1"])
+    out = folder / "peft"
+    get_peft_model(model.unet, config).save_pretrained(out)
+    return out / "adapter_model.safetensors"
+
+
+def diffusers_to_kohya_file(base, folder: Path) -> Path:
+    """diffusers' converter of PEFT layers to kohya names (`convert_state_dict_to_kohya`, as exporters use it)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    from lora_loom.sd15.models import build_components
+
+    model = build_components("tiny-sd15", seed=0)
+    torch.manual_seed(5)
+    inject_adapter_in_model(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_in", "ff.net.2"]),
+        model.unet,
+    )
+    inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["k_proj", "fc2"]), model.text_encoder
+    )
+    peft_state = {
+        **{f"unet.{k}": v for k, v in get_peft_model_state_dict(model.unet).items()},
+        **{f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(model.text_encoder).items()},
+    }
+    path = folder / "diffusers-kohya.safetensors"
+    save_file(convert_state_dict_to_kohya(peft_state), str(path))
+    return path
+
+
+def diffusers_attn_processor_file(base, folder: Path) -> Path:
+    """Old diffusers attention-processor names (`….processor.to_q_lora.up.weight`), U-Net attention only."""
+    lora = load_lora(kohya_file(base, folder))
+    state = {}
+    for target, adapter in lora.adapters.items():
+        if target.startswith("unet.") and ".attn" in target:
+            attention, proj = target[5:].rsplit(".", 1) if not target.endswith("to_out.0") else (target[5:-9], "to_out")
+            state[f"{attention}.processor.{proj}_lora.up.weight"] = adapter.up * adapter.scale  # no alpha here
+            state[f"{attention}.processor.{proj}_lora.down.weight"] = adapter.down
+    path = folder / "attn-procs.safetensors"
+    save_file(state, str(path))
+    return path
+
+
 def comfyui_trainer_file(base, folder: Path) -> Path:
     return FIXTURES / "comfyui_trained_lora.safetensors"  # written by ComfyUI's own Train LoRA node
 
@@ -135,6 +189,9 @@ WRITERS = {
     "locon-tucker": locon_tucker_file,
     "diffusers-peft": diffusers_peft_file,
     "comfyui-trainer": comfyui_trainer_file,
+    "peft-save-pretrained": peft_save_pretrained_file,
+    "diffusers-to-kohya": diffusers_to_kohya_file,
+    "diffusers-attn-processor": diffusers_attn_processor_file,
 }
 
 
