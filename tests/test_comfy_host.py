@@ -67,7 +67,11 @@ def our_weights(handle) -> dict[str, torch.Tensor]:
 
 
 def host_weights(model, clip) -> dict[str, torch.Tensor]:
-    """The host's weights with its patches applied by its own ModelPatcher, then unpatched again."""
+    """The host's weights with its patches applied by its own ModelPatcher, then unpatched again.
+
+    Called once on LoomToComfy's own MODEL/CLIP before on their clones: the host's CLIP is loaded when it is
+    built, and `patch_model` on a clone skips weights that load left flagged as patched (in the server,
+    `load_models_gpu` unpatches the other clone first)."""
     found = {}
     for patcher in (model, clip.patcher):
         patcher.patch_model()
