@@ -47,6 +47,8 @@ from lora_loom.sd15.keys import (  # noqa: E402
 )
 from lora_loom.sd15.models import components_state_dict_ldm  # noqa: E402
 
+from util import attention_processor_state, peft_state_for_kohya_converter  # noqa: E402
+
 FIXTURES = Path(__file__).parent / "data" / "comfyui"
 
 
@@ -147,24 +149,8 @@ def peft_save_pretrained_file(base, folder: Path) -> Path:
 def diffusers_to_kohya_file(base, folder: Path) -> Path:
     """diffusers' converter of PEFT layers to kohya names (`convert_state_dict_to_kohya`, as exporters use it)."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
 
-    from lora_loom.sd15.models import build_components
-
-    model = build_components("tiny-sd15", seed=0)
-    torch.manual_seed(5)
-    inject_adapter_in_model(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_in", "ff.net.2"]),
-        model.unet,
-    )
-    inject_adapter_in_model(
-        LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["k_proj", "fc2"]), model.text_encoder
-    )
-    peft_state = {
-        **{f"unet.{k}": v for k, v in get_peft_model_state_dict(model.unet).items()},
-        **{f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(model.text_encoder).items()},
-    }
+    peft_state = peft_state_for_kohya_converter()
     path = folder / "diffusers-kohya.safetensors"
     save_file(convert_state_dict_to_kohya(peft_state), str(path))
     return path
@@ -172,13 +158,7 @@ def diffusers_to_kohya_file(base, folder: Path) -> Path:
 
 def diffusers_attn_processor_file(base, folder: Path) -> Path:
     """Old diffusers attention-processor names (`….processor.to_q_lora.up.weight`), U-Net attention only."""
-    lora = load_lora(kohya_file(base, folder))
-    state = {}
-    for target, adapter in lora.adapters.items():
-        if target.startswith("unet.") and ".attn" in target:
-            attention, proj = target[5:].rsplit(".", 1) if not target.endswith("to_out.0") else (target[5:-9], "to_out")
-            state[f"{attention}.processor.{proj}_lora.up.weight"] = adapter.up * adapter.scale  # no alpha here
-            state[f"{attention}.processor.{proj}_lora.down.weight"] = adapter.down
+    state = attention_processor_state(load_lora(kohya_file(base, folder)))
     path = folder / "attn-procs.safetensors"
     save_file(state, str(path))
     return path

@@ -11,7 +11,7 @@ from lora_loom.lora_core.synthetic import random_kohya_lora
 from lora_loom.lora_core.targets import kohya_name, kohya_targets
 from lora_loom.sd15 import keys as sd15_keys
 
-from util import make_lora
+from util import attention_processor_state, make_lora, peft_state_for_kohya_converter
 
 
 @pytest.fixture(scope="module")
@@ -101,13 +101,7 @@ def test_all_spellings_give_the_same_lora(kohya_state):
 
 
 def test_old_attention_processor_names(kohya_state):
-    reference = parse_lora(kohya_state)
-    state = {}
-    for target, adapter in reference.adapters.items():
-        if target.startswith("unet.") and ".attn" in target:
-            attention, proj = target[5:].rsplit(".", 1) if not target.endswith("to_out.0") else (target[5:-9], "to_out")
-            state[f"{attention}.processor.{proj}_lora.up.weight"] = adapter.up
-            state[f"{attention}.processor.{proj}_lora.down.weight"] = adapter.down
+    state = attention_processor_state(parse_lora(kohya_state))
     parsed = parse_lora(state)
     assert parsed.components() == {"unet": 128, "text_encoder": 0}
     assert parsed.report.formats == ["diffusers-attn-processor"]
@@ -208,21 +202,8 @@ def test_diffusers_convert_state_dict_to_kohya_output_reads_to_the_peft_factors(
     """Written by diffusers' own converter (PEFT → kohya, as A1111/ComfyUI exporters use it), not re-spelled by us.
     Under transformers ≥ 5.6 it writes `lora_te1_encoder_layers_…` (no `text_model.`); both spellings read."""
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.utils import get_peft_model_state_dict
 
-    from lora_loom.sd15.models import build_components
-
-    model = build_components("tiny-sd15", seed=0)
-    torch.manual_seed(5)
-    unet_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_in", "ff.net.2"])
-    te_config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["k_proj", "fc2"])
-    inject_adapter_in_model(unet_config, model.unet)
-    inject_adapter_in_model(te_config, model.text_encoder)
-    peft_state = {
-        **{f"unet.{k}": v for k, v in get_peft_model_state_dict(model.unet).items()},
-        **{f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(model.text_encoder).items()},
-    }
+    peft_state = peft_state_for_kohya_converter()
     kohya = convert_state_dict_to_kohya(peft_state)
     assert any(k.startswith("lora_te1_") for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
 

@@ -98,3 +98,33 @@ def write_dataset(folder, n=6):
         item.image.save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(item.caption)
     return folder
+
+
+def peft_state_for_kohya_converter() -> dict[str, torch.Tensor]:
+    """PEFT adapters on a tiny SD1.5 (U-Net rank 4 on to_q / proj_in / ff.net.2, text encoder rank 2 on k_proj /
+    fc2, alpha = rank), named as diffusers' `convert_state_dict_to_kohya` expects them (`unet.…`, `text_encoder.…`)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    model = build_components("tiny-sd15", seed=0)
+    torch.manual_seed(5)
+    unet_config = LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "proj_in", "ff.net.2"])
+    te_config = LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["k_proj", "fc2"])
+    inject_adapter_in_model(unet_config, model.unet)
+    inject_adapter_in_model(te_config, model.text_encoder)
+    return {
+        **{f"unet.{k}": v for k, v in get_peft_model_state_dict(model.unet).items()},
+        **{f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(model.text_encoder).items()},
+    }
+
+
+def attention_processor_state(lora) -> dict[str, torch.Tensor]:
+    """A parsed LoRA's U-Net attention adapters under old diffusers attention-processor names
+    (`….processor.to_q_lora.up.weight`), which carry no alpha: the scale goes into the up factor."""
+    state = {}
+    for target, adapter in lora.adapters.items():
+        if target.startswith("unet.") and ".attn" in target:
+            attention, proj = target[5:].rsplit(".", 1) if not target.endswith("to_out.0") else (target[5:-9], "to_out")
+            state[f"{attention}.processor.{proj}_lora.up.weight"] = adapter.up * adapter.scale
+            state[f"{attention}.processor.{proj}_lora.down.weight"] = adapter.down
+    return state
