@@ -2,6 +2,7 @@
 behave, does the rest of the model survive — measured by the scorer, not by eye.
 
     python bench/bench_quality.py [--pairs 100] [--steps 20] [--checkpoint PATH] [--parts ...] [--no-doc]
+                                  [--keep-loras sd15/builtin/loras]
 
 For each held-out concept (the shape `star`, the colour `cyan`, and both at once) TrainLoRA trains on the
 concept's built-in training set (12 generated images; the concept's own word is the trigger in every caption)
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import sys
 import tempfile
 import time
@@ -120,7 +122,9 @@ class Bench:
 
     def train(self, concept: Concept, settings: TrainSettings, label: str) -> Trained:
         dataset = scan_dataset(built_in_dataset(concept.dataset), resolution=settings.resolution)
-        output = self.scratch / f"{concept.slug}-{label}.safetensors"
+        # The default LoRA carries its built-in name (ss_output_name) in case it ships (--keep-loras).
+        stem = f"toy-{concept.slug}" if label == "default" else f"{concept.slug}-{label}"
+        output = self.scratch / f"{stem}.safetensors"
         started = time.perf_counter()
         result = train_lora(self.base, dataset, settings, output)
         seconds = time.perf_counter() - started
@@ -238,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " + ", ".join(PARTS))
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--keep-loras", type=Path, help="copy each concept's default LoRA here as toy-<concept>.safetensors (built-ins)"
+    )
     args = parser.parse_args(argv)
     args.no_doc = args.no_doc or args.checkpoint is not None
     parts = set(args.parts.split(","))
@@ -273,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     for concept in concepts:
         progress(f"concept {concept.name}")
         trained = bench.train(concept, settings, "default")
+        if args.keep_loras is not None:  # the shipped built-in LoRAs are the ones measured here
+            args.keep_loras.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(trained.path, args.keep_loras / trained.path.name)
         lora = load_lora(trained.path)
         row = {"concept": concept, "trained": trained}
         if "curve" in parts:

@@ -236,3 +236,30 @@ def test_vae_scenes_all_draws_the_held_out_concepts_for_the_vae_alone(tmp_path):
     vae_read, unet_read = read(vae_scenes), read(data["images"])
     assert any(p.shape == "star" for p in vae_read) and any(p.colour == "cyan" for p in vae_read)
     assert not any(p.shape == "star" or p.colour == "cyan" for p in unet_read)  # the U-Net's scenes: base only
+
+
+def test_a_decoder_only_vae_run_keeps_the_latent_space_and_the_checkpoints_unet(straight, tmp_path, capsys):
+    """After a base ships, its VAE can still improve without invalidating the U-Net (or LoRAs) trained on its
+    latents: only the decoder trains, and with ``unet_steps`` 0 the export carries the checkpoint's U-Net and
+    text encoder unchanged."""
+    tune = tmp_path / "decoder"
+    digest = train.place_init_weights(tune, straight / "base.safetensors")
+    recipe = train.Recipe(**{**MICRO.__dict__, "init_from": digest, "vae_train_encoder": False, "unet_steps": 0})
+    assert train.run(tune, recipe, "all", tune / "tuned.safetensors")
+    init = load_state(tune / train.INIT_WEIGHTS)["vae"]
+    final = load_state(tune / "vae_final.safetensors")
+    frozen = [k for k in init if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(final[k], init[k]) for k in frozen)  # not rescaled either
+    decoder = [k for k in init if k.startswith(("decoder.", "post_quant_conv."))]
+    assert sum(not torch.equal(final[k], init[k]) for k in decoder) > len(decoder) / 2
+    assert not (tune / "latents.safetensors").exists() and not (tune / "unet_state.safetensors").exists()
+
+    before, after = load_file(straight / "base.safetensors"), load_file(tune / "tuned.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("first_stage_model.decoder.") or "post_quant" in k for k in changed)
+
+    for flags, complaint in ((["--vae-decoder-only"], "--vae-decoder-only"), (["--unet-steps", "0"], "--unet-steps 0")):
+        with pytest.raises(SystemExit):
+            train.main(["--out", str(tmp_path / "bad"), *flags])
+        assert complaint in capsys.readouterr().err

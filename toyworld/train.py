@@ -75,6 +75,10 @@ class Recipe:
     vae_crop: int = 0
     vae_crop_batch: int = 16
     vae_whole_image_steps: int = 0
+    # False: only the decoder (with post_quant_conv) trains, from the init checkpoint's VAE; the encoder and so
+    # the latent space stay the checkpoint's, and with it its U-Net and every LoRA trained on it stay valid
+    # (``unet_steps`` 0 keeps that U-Net as it is). How a VAE improves after the models on its latents ship.
+    vae_train_encoder: bool = True
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6
     # The VAE's scenes: "base" (the U-Net's training scenes) or "all" (every shape and colour the generator
@@ -302,8 +306,14 @@ def train_vae(
     vae = build_models(recipe.seed).vae
     if _starts_from(recipe, "vae"):
         vae.load_state_dict(_init_weights(out, recipe)["vae"])
+    elif not recipe.vae_train_encoder:
+        raise SystemExit(f"{out}: a decoder-only VAE run fine-tunes a checkpoint's VAE ('vae' in --init-parts)")
     vae = vae.to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    if not recipe.vae_train_encoder:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=recipe.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(100, recipe.vae_steps))
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     state = {"step": 0, "elapsed": 0.0, "checkpoint_every": recipe.checkpoint_every}
@@ -315,6 +325,8 @@ def train_vae(
     general = general.to(device) if general is not None and len(general) else None
     cropped_steps = recipe.vae_steps - recipe.vae_whole_image_steps if recipe.vae_crop else 0
     vae.train()
+    if not recipe.vae_train_encoder:
+        vae.encoder.eval()  # frozen: its latents must stay what the U-Net was trained on
 
     def one_step() -> float:
         # Random draws come from one CPU generator on every device, so a run's data order and noise do not
@@ -330,7 +342,8 @@ def train_vae(
         if cropped:
             batch = object_crops(batch, recipe.vae_crop, generator)
         x = _to_pixels(batch)
-        posterior = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(recipe.vae_train_encoder):
+            posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample  # CPU draws, moved over
         kl = posterior.kl().mean()
         if recipe.vae_edge_focus:
@@ -342,7 +355,7 @@ def train_vae(
         loss = loss + recipe.vae_kl_weight * kl
         if recipe.vae_edge_weight:
             loss = loss + recipe.vae_edge_weight * _edge_loss(reconstruction, x)
-        optimizer_step(loss, optimizer, schedule, vae.parameters(), recipe.grad_clip)
+        optimizer_step(loss, optimizer, schedule, trained, recipe.grad_clip)
         return loss.item()
 
     def checkpoint() -> None:
@@ -565,7 +578,12 @@ def export(out: Path, recipe: Recipe, destination: Path, dtype: torch.dtype = to
 
     components = build_models(recipe.seed)
     components.vae.load_state_dict(load_state(out / "vae_final.safetensors"))
-    state = load_state(out / "unet_state.safetensors")
+    if recipe.unet_steps:
+        state = load_state(out / "unet_state.safetensors")
+    else:  # the init checkpoint's U-Net and text encoder, untouched
+        init = _init_weights(out, recipe)
+        state = {"step": 0, "unet": init["unet"], "text_encoder": init["text_encoder"]}
+        components.unet.load_state_dict(state["unet"])
     from diffusers.training_utils import EMAModel
 
     components.text_encoder.load_state_dict(state["text_encoder"])  # frozen (CLIP stage): no EMA of it
@@ -692,17 +710,19 @@ def run(
         started = time.perf_counter()
         if not (out / "vae_final.safetensors").is_file():
             vae = load_trained_vae(out, recipe)
-            rescale_latents(vae, data["images"][:2048], scaling_factor)
+            if recipe.vae_train_encoder:  # a frozen encoder keeps the checkpoint's (already rescaled) latents
+                rescale_latents(vae, data["images"][:2048], scaling_factor)
             save_state(out / "vae_final.safetensors", vae.state_dict())
-        vae = build_models(recipe.seed).vae
-        vae.load_state_dict(load_state(out / "vae_final.safetensors"))
-        latents = encode_latents(out, vae.eval(), data["images"], device)
-        _timed(timings, "latents_seconds", started)
-        save_timings()
-        if not train_unet(out, recipe, data, latents, scaling_factor, stop_after, device):
-            return False
-        timings["unet_seconds"] = round(load_state(out / "unet_state.safetensors")["elapsed"], 1)
-        save_timings()
+        if recipe.unet_steps:  # 0: the init checkpoint's U-Net as it is (after a decoder-only VAE run)
+            vae = build_models(recipe.seed).vae
+            vae.load_state_dict(load_state(out / "vae_final.safetensors"))
+            latents = encode_latents(out, vae.eval(), data["images"], device)
+            _timed(timings, "latents_seconds", started)
+            save_timings()
+            if not train_unet(out, recipe, data, latents, scaling_factor, stop_after, device):
+                return False
+            timings["unet_seconds"] = round(load_state(out / "unet_state.safetensors")["elapsed"], 1)
+            save_timings()
     if stage == "all" and destination is not None:
         export(out, recipe, destination)
         loss_chart(out).save(out / "loss.png")
@@ -731,6 +751,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clip-steps", type=int, default=Recipe.clip_steps, help="0: no CLIP stage")
     parser.add_argument("--vae-scenes", choices=("base", "all"), default=Recipe.vae_scenes)
     parser.add_argument("--vae-lr", type=float, default=Recipe.vae_lr)
+    parser.add_argument(
+        "--vae-decoder-only",
+        action="store_true",
+        help="fine-tune only the VAE's decoder (the latent space, and so the U-Net and its LoRAs, stay valid)",
+    )
     parser.add_argument("--unet-lr", type=float, default=Recipe.unet_lr)
     parser.add_argument("--caption-dropout", type=float, default=Recipe.caption_dropout)
     parser.add_argument(
@@ -746,11 +771,17 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.init_parts.split()) - {"vae", "unet", "text_encoder"}
     if unknown:
         parser.error(f"--init-parts: unknown part(s) {sorted(unknown)}; choose from vae, unet, text_encoder")
+    parts = set(args.init_parts.split()) if args.init_from is not None else set()
+    if args.vae_decoder_only and "vae" not in parts:
+        parser.error("--vae-decoder-only fine-tunes a checkpoint's VAE: pass --init-from with 'vae' in --init-parts")
+    if args.unet_steps == 0 and not {"unet", "text_encoder"} <= parts:
+        parser.error("--unet-steps 0 keeps a checkpoint's U-Net and text encoder: pass --init-from with both parts")
     init_from = place_init_weights(args.out, args.init_from) if args.init_from is not None else ""
     recipe = Recipe(
         init_from=init_from,
         init_parts=args.init_parts,
         vae_lr=args.vae_lr,
+        vae_train_encoder=not args.vae_decoder_only,
         unet_lr=args.unet_lr,
         caption_dropout=args.caption_dropout,
         seed=args.seed,
