@@ -3,7 +3,7 @@
     python scripts/build_thumbnails.py [names ...]
 
 ComfyUI's editor lists a pack's `workflows/*.json` under its templates and shows `<name>.jpg` beside each. Each
-workflow runs headlessly as shipped (with the demo LoRAs, as the README's setup writes them) and its largest
+workflow runs headlessly as shipped (on the built-in base and LoRAs, in an empty models folder) and its largest
 saved picture becomes the thumbnail: what the workflow makes, not a mock-up. Run it again after the built-in base
 or a shipped workflow changes.
 """
@@ -32,13 +32,11 @@ def thumbnail(picture: Image.Image) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lora_loom.demo import write_demo_files
     from lora_loom.runner import cli
 
     names = (argv if argv is not None else sys.argv[1:]) or sorted(p.stem for p in WORKFLOWS.glob("*.json"))
     with tempfile.TemporaryDirectory() as folder:
         models = Path(folder) / "models"
-        write_demo_files(models)
         for name in names:
             out = Path(folder) / "out" / name
             argv_run = [str(WORKFLOWS / f"{name}.json"), "--models-dir", str(models), "--output-dir", str(out)]

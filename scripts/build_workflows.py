@@ -90,6 +90,9 @@ GRID_PROMPTS = (
     "green triangle, bottom centre, on white",
     "a purple ring in the bottom left, orange background",
 )
+# The built-in LoRAs (sd15/builtin/loras/, trained by bench/bench_quality.py --keep-loras) of two concepts the
+# base never saw: the workflows run as shipped, with no setup step.
+STAR, CYAN = "toy-star (built-in)", "toy-cyan (built-in)"
 
 
 def grid_workflow() -> list[Node]:
@@ -119,47 +122,7 @@ WORKFLOWS_BY_NAME: dict[str, list[Node]] = {
     "toy_world_grid": grid_workflow(),
     "txt2img_one_lora": [
         BASE,
-        (2, "LoadLoRA", (40, 280), {"lora_name": "demo-all.safetensors"}, {}),
-        (
-            3,
-            "ApplyLoRA",
-            (400, 120),
-            {"strength_unet": 0.8, "strength_text_encoder": 0.5},
-            {"base": (1, 0), "lora": (2, 0)},
-        ),
-        (4, "Sampler", (760, 80), {"prompt": "a red circle on the left, blue background", **SAMPLE}, {"base": (3, 0)}),
-        (5, "SaveImage", (1120, 80), {"filename_prefix": "loom_one_lora"}, {"images": (4, 0)}),
-    ],
-    "stacked_loras": [
-        BASE,
-        (2, "LoadLoRA", (40, 280), {"lora_name": "demo-all.safetensors"}, {}),
-        (3, "LoadLoRA", (40, 440), {"lora_name": "demo-attention.safetensors"}, {}),
-        (
-            4,
-            "ApplyLoRA",
-            (400, 80),
-            {"strength_unet": 0.7, "strength_text_encoder": 0.3},
-            {"base": (1, 0), "lora": (2, 0)},
-        ),
-        (
-            5,
-            "ApplyLoRA",
-            (400, 320),
-            {"strength_unet": 1.2, "strength_text_encoder": 0.0},
-            {"base": (4, 0), "lora": (3, 0)},
-        ),
-        (
-            6,
-            "Sampler",
-            (760, 80),
-            {"prompt": "a green triangle at the top, yellow background", **SAMPLE},
-            {"base": (5, 0)},
-        ),
-        (7, "SaveImage", (1120, 80), {"filename_prefix": "loom_stacked"}, {"images": (6, 0)}),
-    ],
-    "fuse_and_save": [
-        BASE,
-        (2, "LoadLoRA", (40, 280), {"lora_name": "demo-all.safetensors"}, {}),
+        (2, "LoadLoRA", (40, 280), {"lora_name": STAR}, {}),
         (
             3,
             "ApplyLoRA",
@@ -167,27 +130,76 @@ WORKFLOWS_BY_NAME: dict[str, list[Node]] = {
             {"strength_unet": 1.0, "strength_text_encoder": 1.0},
             {"base": (1, 0), "lora": (2, 0)},
         ),
-        (4, "FuseLoRA", (760, 120), {"save_name": "loom-fused-demo", "save_fp16": False}, {"base": (3, 0)}),
-        (5, "LoadLoRA", (760, 340), {"lora_name": "demo-attention.safetensors"}, {}),
+        (
+            4,
+            "Sampler",
+            (760, 80),
+            {"prompt": "a large red star in the centre, blue background", **SAMPLE},
+            {"base": (3, 0)},
+        ),
+        (5, "SaveImage", (1120, 80), {"filename_prefix": "loom_one_lora"}, {"images": (4, 0)}),
+    ],
+    # Two concepts the base never saw, one LoRA each, stacked: a cyan star needs both.
+    "stacked_loras": [
+        BASE,
+        (2, "LoadLoRA", (40, 280), {"lora_name": STAR}, {}),
+        (3, "LoadLoRA", (40, 440), {"lora_name": CYAN}, {}),
+        (
+            4,
+            "ApplyLoRA",
+            (400, 80),
+            {"strength_unet": 1.0, "strength_text_encoder": 1.0},
+            {"base": (1, 0), "lora": (2, 0)},
+        ),
+        (
+            5,
+            "ApplyLoRA",
+            (400, 320),
+            {"strength_unet": 1.0, "strength_text_encoder": 1.0},
+            {"base": (4, 0), "lora": (3, 0)},
+        ),
+        (
+            6,
+            "Sampler",
+            (760, 80),
+            {"prompt": "a large cyan star at the top left, yellow background", **SAMPLE},
+            {"base": (5, 0)},
+        ),
+        (7, "SaveImage", (1120, 80), {"filename_prefix": "loom_stacked"}, {"images": (6, 0)}),
+    ],
+    # The star fused into the base and saved as a checkpoint, then the cyan LoRA applied on top of it.
+    "fuse_and_save": [
+        BASE,
+        (2, "LoadLoRA", (40, 280), {"lora_name": STAR}, {}),
+        (
+            3,
+            "ApplyLoRA",
+            (400, 120),
+            {"strength_unet": 1.0, "strength_text_encoder": 1.0},
+            {"base": (1, 0), "lora": (2, 0)},
+        ),
+        (4, "FuseLoRA", (760, 120), {"save_name": "loom-fused-star", "save_fp16": False}, {"base": (3, 0)}),
+        (5, "LoadLoRA", (760, 340), {"lora_name": CYAN}, {}),
         (
             6,
             "ApplyLoRA",
             (1120, 120),
-            {"strength_unet": 0.5, "strength_text_encoder": 0.5},
+            {"strength_unet": 1.0, "strength_text_encoder": 1.0},
             {"base": (4, 0), "lora": (5, 0)},
         ),
         (
             7,
             "Sampler",
             (1480, 80),
-            {"prompt": "a blue square in the centre, white background", **SAMPLE},
+            {"prompt": "a large cyan star in the centre, white background", **SAMPLE},
             {"base": (6, 0)},
         ),
         (8, "SaveImage", (1840, 80), {"filename_prefix": "loom_fused"}, {"images": (7, 0)}),
     ],
+    # The same prompt and seeds with the star LoRA at strength 0 (the base: it never saw a star) and 1.
     "ab_strength": [
         BASE,
-        (2, "LoadLoRA", (40, 280), {"lora_name": "demo-all.safetensors"}, {}),
+        (2, "LoadLoRA", (40, 280), {"lora_name": STAR}, {}),
         (
             3,
             "ApplyLoRA",
@@ -206,14 +218,14 @@ WORKFLOWS_BY_NAME: dict[str, list[Node]] = {
             5,
             "Sampler",
             (760, 40),
-            {"prompt": "a yellow square on the right, black background", **SAMPLE},
+            {"prompt": "a large yellow star on the right, black background", **SAMPLE},
             {"base": (3, 0)},
         ),
         (
             6,
             "Sampler",
             (760, 520),
-            {"prompt": "a yellow square on the right, black background", **SAMPLE},
+            {"prompt": "a large yellow star on the right, black background", **SAMPLE},
             {"base": (4, 0)},
         ),
         (7, "SaveImage", (1120, 40), {"filename_prefix": "loom_ab_strength0"}, {"images": (5, 0)}),

@@ -18,12 +18,13 @@ from lora_loom.sd15.builtin import BUILT_IN_TOY, TOY_WORLD_CHECKPOINT
 from lora_loom.sd15.config_files import config_dir
 from lora_loom.sd15.keys import checkpoint_key, vae_key_needs_reshape
 from lora_loom.sd15.sampling import sample, sample_pairs
-from lora_loom.toyworld import analyse, caption, scenes, score
+from lora_loom.toyworld import analyse
+from lora_loom.toyworld.evaluate import prompt_set, rates_of, sample_images, vae_round_trip
 
 from util import assert_bitwise_equal, make_lora, state_of
 
 REFERENCE_KEYS = Path(__file__).parent / "data" / "sd15_checkpoint_keys.json"
-GOALS = {"background": 0.90, "colour": 0.90, "shape": 0.75, "position": 0.80}
+GOALS = {"background": 0.95, "colour": 0.95, "shape": 0.90, "position": 0.95, "size": 0.85}  # issue 16
 PROMPT_SEED = 777  # a scene seed used by neither training (0) nor the benchmark (12345)
 
 
@@ -89,12 +90,6 @@ def test_diffusers_from_single_file_reads_the_same_weights(toy, monkeypatch):
     assert vae.config.scaling_factor == ours.vae.config.scaling_factor == 0.18215
 
 
-def fixed_prompt_set(n: int):
-    truth = scenes(n, PROMPT_SEED)
-    rng = np.random.default_rng(PROMPT_SEED)
-    return [caption(scene, rng) for scene in truth], truth
-
-
 WORKFLOW_CFG = 2.0  # the shipped workflows' CFG on the toy base
 
 
@@ -102,50 +97,66 @@ SAMPLERS = ("euler", "dpmpp_2m", "ddim")
 CFGS = (1.0, WORKFLOW_CFG, 7.0)
 PAIRS = 48
 # The docs' figures come from 200 pairs (bench/bench_toyworld.py); this fixed 48-pair subset is held to the
-# goals at the workflows' CFG 2 (its closest margin there: shape 42/48 vs the 36 the goal needs) and to the
-# goals less 10 points at CFG 1 and 7, where the 200-pair rates sit near a goal (shape at CFG 7: 74.5-75.5 %).
-# Chance is 1/6 (colours, backgrounds, places) and 1/5 (shapes): a base or sampler that ignores the prompt
+# goals less CFG2_TOLERANCE at CFG 2 (where issue 16 sets them; 48 pairs are not 200: measured euler colour 93.8 %
+# here, 97.5 % over 200), less SUBSET_TOLERANCE at CFG 1 and less CFG7_TOLERANCE
+# at CFG 7. Chance is
+# 1/6 (colours, backgrounds, places), 1/5 (shapes) and 1/2 (sizes): a base or sampler that ignores the prompt
 # fails every one of these by far.
 SUBSET_TOLERANCE = 0.10
+CFG2_TOLERANCE = 0.05
+# At CFG 7 the base misses issue 16's colour and shape goals (200 pairs: colour 87-91 %, shape 72.5-76.5 %;
+# docs/toy-world.md): held to a floor far above chance, not to the goal, until a base meets it.
+CFG7_TOLERANCE = 0.25
 
 
 @pytest.fixture(scope="module")
 def adherence(toy):
-    """{(sampler, cfg): per-attribute hit counts and "all four"} on 48 fixed (prompt, seed) pairs, 20 steps."""
-    prompts, truth = fixed_prompt_set(PAIRS)
-    counts = {}
-    for sampler_name, cfg in itertools.product(SAMPLERS, CFGS):
-        images = sample_pairs(
-            toy, prompts, list(range(PAIRS)), steps=20, cfg=cfg, sampler_name=sampler_name, width=64, height=64
-        )
-        pixels = (images.images.numpy() * 255).round().astype(np.uint8)
-        verdicts = [score(image, scene) for image, scene in zip(pixels, truth, strict=True)]
-        hits = {name: sum(v[name] for v in verdicts) for name in GOALS}
-        hits["all four"] = sum(all(v[name] for name in GOALS) for v in verdicts)
-        counts[sampler_name, cfg] = hits
-    return counts
+    """{(sampler, cfg): Rates} on 48 fixed (prompt, seed) pairs, 20 steps, scored as the benchmark scores."""
+    pairs = prompt_set(PAIRS, seed=PROMPT_SEED)
+    return {
+        (sampler_name, cfg): rates_of(sample_images(toy, pairs, sampler=sampler_name, cfg=cfg, steps=20), pairs)
+        for sampler_name, cfg in itertools.product(SAMPLERS, CFGS)
+    }
 
 
 @pytest.mark.parametrize("sampler_name", SAMPLERS)
 @pytest.mark.parametrize("cfg", CFGS, ids=lambda cfg: f"cfg{cfg:g}")
 def test_toy_base_reaches_its_adherence_goals(adherence, sampler_name, cfg):
-    rates = {name: adherence[sampler_name, cfg][name] / PAIRS for name in GOALS}
-    tolerance = 0.0 if cfg == WORKFLOW_CFG else SUBSET_TOLERANCE
-    missed = {name: rate for name, rate in rates.items() if rate < GOALS[name] - tolerance}
-    assert not missed, (sampler_name, cfg, rates)
+    rates = adherence[sampler_name, cfg]
+    tolerance = {1.0: SUBSET_TOLERANCE, WORKFLOW_CFG: CFG2_TOLERANCE, 7.0: CFG7_TOLERANCE}[cfg]
+    missed = {name: rates[name] for name in GOALS if rates[name] < GOALS[name] - tolerance}
+    assert not missed, (sampler_name, cfg, rates.summary())
 
 
-def test_guidance_matters_both_ways(adherence):
-    """A little guidance helps (CFG 2 beats 1 on all four right); much more over-guides and costs shape.
+def test_much_guidance_over_guides_the_shape(adherence):
+    """CFG 7 over-guides this small model: shape falls well below CFG 2's for every sampler (200 pairs, euler /
+    dpmpp_2m / ddim: 94.5 / 94 / 92.5 % at CFG 2 against 72.5 / 72.5 / 76.5 % at 7; asserted: 8 points)."""
+    for sampler_name in SAMPLERS:
+        gap = adherence[sampler_name, WORKFLOW_CFG]["shape"] - adherence[sampler_name, 7.0]["shape"]
+        assert gap >= 0.08, (
+            sampler_name,
+            adherence[sampler_name, WORKFLOW_CFG].summary(),
+            adherence[sampler_name, 7.0].summary(),
+        )
 
-    Summed over the three samplers (144 images each): measured 126 vs 113 all-four hits (CFG 2 vs 1) and
-    129 vs 104 shape hits (CFG 2 vs 7); asserted ≥ 5 and ≥ 12 (less than half the measured gaps).
-    """
-    total = {
-        cfg: {name: sum(adherence[s, cfg][name] for s in SAMPLERS) for name in ("all four", "shape")} for cfg in CFGS
-    }
-    assert total[WORKFLOW_CFG]["all four"] - total[1.0]["all four"] >= 5, total
-    assert total[WORKFLOW_CFG]["shape"] - total[7.0]["shape"] >= 12, total
+
+# The VAE's ceiling on a fixed set of 48 ground-truth scenes per split (issue 16: a VAE that can draw what the
+# U-Net never saw, so that a LoRA can teach it). The first shipped VAE kept cyan 0 % and the star 3 % of the
+# time here; measured on this set for the shipped one: every attribute 100 % on base scenes, held-out scenes
+# shape 97.9 % and the rest 100 %, star 96.4 %, cyan 100 % (the 200-scene figures in docs/toy-world.md are
+# lower for the star: 89.7 %).
+ROUND_TRIP_FLOOR = {"base": 0.95, "held_out": 0.90}
+HELD_OUT_FLOOR = {"star": 0.85, "cyan": 0.95}
+
+
+@pytest.mark.parametrize("split", ["base", "held_out"])
+def test_the_vae_round_trips_seen_and_held_out_concepts(toy, split):
+    rates, concepts = vae_round_trip(toy.model.components.vae, split, n=PAIRS, seed=PROMPT_SEED)
+    missed = {name: rates[name] for name in rates.rates if rates[name] < ROUND_TRIP_FLOOR[split]}
+    assert not missed, (split, rates.summary())
+    if split == "held_out":
+        assert set(concepts) == set(HELD_OUT_FLOOR)
+        assert all(concepts[name] >= floor for name, floor in HELD_OUT_FLOOR.items()), concepts
 
 
 def test_position_follows_the_prompt_not_the_starting_noise(toy):

@@ -1,4 +1,4 @@
-"""Every shipped workflow runs headlessly, as shipped, on the built-in base and the demo LoRAs."""
+"""Every shipped workflow runs headlessly, as shipped, for a new user: on the built-in base and LoRAs alone."""
 
 import json
 from pathlib import Path
@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lora_loom.demo import write_demo_files
 from lora_loom.runner import cli
 from lora_loom.sd15.builtin import BUILT_IN_TOY
 
@@ -16,10 +15,8 @@ WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.j
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    """What the README's main command makes: the tiny checkpoint and the demo LoRAs."""
-    root = tmp_path_factory.mktemp("models")
-    write_demo_files(root)
-    return root
+    """A new user's models folder: empty (everything the workflows name is built in)."""
+    return tmp_path_factory.mktemp("models")
 
 
 def test_there_are_the_promised_workflows():
